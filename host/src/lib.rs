@@ -1,1 +1,22 @@
+//! Sluicegate: a reverse proxy and load balancer whose request and response
+//! filters are sandboxed WebAssembly components.
+//!
+//! Read [`proxy`] first: it walks one request through the host. Each stage
+//! lives in the module named for it.
 
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod filter;
+pub mod headers;
+pub mod proxy;
+pub mod reload;
+pub mod route;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,107 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics` (Prometheus text),
+//! `/filters` and `/upstreams` (JSON). Bind it to loopback.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use crate::body::{self, ProxyBody};
+use crate::proxy::Proxy;
+
+/// What the admin endpoints read.
+pub struct AdminState {
+    /// The proxy, for its snapshot and filters.
+    pub proxy: Arc<Proxy>,
+    /// Renders the Prometheus exposition.
+    pub metrics: PrometheusHandle,
+    /// False once draining: `/readyz` fails first.
+    pub ready: AtomicBool,
+    /// Open client connections.
+    pub open_connections: Arc<AtomicUsize>,
+}
+
+/// Serve the admin API on `listener` forever.
+pub async fn serve(state: Arc<AdminState>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, req)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn route(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.method() != Method::GET {
+        return body::text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "admin endpoints are GET only",
+        );
+    }
+    match req.uri().path() {
+        "/healthz" => body::text_response(StatusCode::OK, "ok"),
+        "/readyz" if state.ready.load(Ordering::Relaxed) => {
+            body::text_response(StatusCode::OK, "ready")
+        }
+        "/readyz" => body::text_response(StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        "/metrics" => {
+            metrics::gauge!("sluicegate_open_connections")
+                .set(state.open_connections.load(Ordering::Relaxed) as f64);
+            let mut resp = Response::new(body::full(state.metrics.render()));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        }
+        "/filters" => {
+            let list = state
+                .proxy
+                .filters
+                .as_ref()
+                .map(|f| f.current().status())
+                .unwrap_or_default();
+            json(&serde_json::json!({ "filters": list }))
+        }
+        "/upstreams" => {
+            let snap = state.proxy.snapshot.load();
+            let mut ups: Vec<_> = snap
+                .upstreams
+                .values()
+                .map(|u| {
+                    serde_json::json!({
+                        "name": &*u.name,
+                        "endpoints": u.endpoints.iter().map(|e| &*e.addr).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            ups.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+            json(&serde_json::json!({ "upstreams": ups }))
+        }
+        _ => body::text_response(StatusCode::NOT_FOUND, "unknown admin endpoint"),
+    }
+}
+
+fn json(value: &serde_json::Value) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(value.to_string()));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -1,0 +1,535 @@
+//! The operator's TOML configuration: parsing, defaults and validation.
+//!
+//! Every error names the file, the line and the key, so `sluicegate check`
+//! can point at the mistake. The keys below are a public contract; see the
+//! README's configuration reference.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration error: which file, which line, which key, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The config file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax or type errors, unknown keys.
+    #[error("{file}: {message}")]
+    Parse {
+        /// The config file.
+        file: PathBuf,
+        /// toml's message (it names the line, column and key).
+        message: String,
+    },
+    /// A semantic error found by validation.
+    #[error("{file}:{line}: {key}: {reason}")]
+    Invalid {
+        /// The config file.
+        file: PathBuf,
+        /// 1-based line of the offending value (0 when unknown).
+        line: usize,
+        /// The dotted key, e.g. `route[2].upstream`.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[proxy]`: listeners and process-wide settings.
+    pub proxy: ProxyConfig,
+    /// `[[upstream]]`: named pools of endpoints.
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// `[[route]]`: host + path prefix to upstream (and filters).
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    /// `[filters]`: the WebAssembly filter runtime.
+    #[serde(default)]
+    pub filters: FiltersConfig,
+    /// Where this config was read from (not a TOML key).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// `[proxy]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Addresses to serve HTTP/1.1 and h2c (prior knowledge) on.
+    pub listen: Vec<Spanned<String>>,
+    /// Optional admin listener: `/healthz`, `/readyz`, `/metrics`, `/filters`.
+    pub admin: Option<Spanned<String>>,
+    /// Tokio worker threads (default: the number of cores).
+    pub workers: Option<usize>,
+    /// The pseudonym added to `Via` (default `sluicegate`).
+    #[serde(default = "default_via")]
+    pub via: String,
+    /// `[proxy.timeouts]`.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// `[proxy.limits]`.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn default_via() -> String {
+    "sluicegate".to_string()
+}
+
+/// `[proxy.timeouts]`, all in milliseconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect to an upstream endpoint.
+    pub connect_ms: u64,
+    /// The whole request head must arrive within this (slowloris guard).
+    pub header_read_ms: u64,
+    /// The upstream's response head must arrive within this, else 504.
+    pub upstream_response_ms: u64,
+    /// Keep-alive connections idle this long are closed.
+    pub idle_ms: u64,
+    /// Graceful shutdown: how long in-flight requests may take to finish.
+    pub drain_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect_ms: 2_000,
+            header_read_ms: 10_000,
+            upstream_response_ms: 30_000,
+            idle_ms: 60_000,
+            drain_ms: 10_000,
+        }
+    }
+}
+
+/// `[proxy.limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request head accepted, bytes (HTTP/1.1).
+    pub max_header_bytes: usize,
+    /// Idle keep-alive connections kept per upstream endpoint.
+    pub upstream_idle_per_host: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            upstream_idle_per_host: 256,
+        }
+    }
+}
+
+/// `[[upstream]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The name routes and filters refer to.
+    pub name: Spanned<String>,
+    /// `host:port` of each server.
+    pub endpoints: Spanned<Vec<Spanned<String>>>,
+}
+
+/// `[[route]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Host to match (without port, case-insensitive); absent = any.
+    pub host: Option<String>,
+    /// Path prefix to match; the longest wins.
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// The upstream requests go to (a filter may pick another).
+    pub upstream: Spanned<String>,
+    /// Filters run on this route: request phase in order, response reversed.
+    #[serde(default)]
+    pub filters: Vec<Spanned<String>>,
+}
+
+fn default_prefix() -> String {
+    "/".to_string()
+}
+
+/// `[filters]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FiltersConfig {
+    /// Directory of `*.wasm` filters, each named by its file stem. Relative
+    /// paths are relative to the config file.
+    pub dir: Option<PathBuf>,
+    /// Where precompiled artifacts are cached (default: `$TMPDIR/sluicegate-cache`).
+    pub cache_dir: Option<PathBuf>,
+    /// Defaults for every filter.
+    #[serde(flatten)]
+    pub defaults: FilterPolicyConfig,
+    /// Largest body buffered for a filter's body phase, bytes.
+    pub max_body_bytes: usize,
+    /// `[filters.config.<name>]`: handed to that filter's init as JSON.
+    pub config: BTreeMap<String, toml::Table>,
+    /// `[filters.policy.<name>]`: per-filter overrides of the defaults.
+    pub policy: BTreeMap<String, FilterPolicyConfig>,
+}
+
+impl Default for FiltersConfig {
+    fn default() -> Self {
+        FiltersConfig {
+            dir: None,
+            cache_dir: None,
+            defaults: FilterPolicyConfig::default(),
+            max_body_bytes: 1024 * 1024,
+            config: BTreeMap::new(),
+            policy: BTreeMap::new(),
+        }
+    }
+}
+
+/// Limits and failure policy of one filter (or the defaults of all).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FilterPolicyConfig {
+    /// CPU deadline per call, milliseconds (default 10).
+    pub timeout_ms: Option<u64>,
+    /// Linear memory cap per instance, MiB (default 32).
+    pub memory_mb: Option<u64>,
+    /// What a trap, timeout or bad action does (default fail_closed).
+    pub on_error: Option<OnError>,
+    /// `pool` (warm instances, default) or `request` (fresh per request).
+    pub isolation: Option<Isolation>,
+    /// Recycle a pooled instance after this many requests (default 10000).
+    pub max_requests_per_instance: Option<u64>,
+}
+
+/// The failure policy of a filter.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Answer the client with a 5xx.
+    FailClosed,
+    /// Skip the filter and go on.
+    FailOpen,
+}
+
+/// How instances are reused.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// A pool of warm instances; globals may persist between requests.
+    Pool,
+    /// A fresh instance per request; nothing survives a request.
+    Request,
+}
+
+/// A filter's effective policy: the defaults with its overrides applied.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FilterPolicy {
+    /// CPU deadline per call, milliseconds.
+    pub timeout_ms: u64,
+    /// Linear memory cap, MiB.
+    pub memory_mb: u64,
+    /// Failure policy.
+    pub on_error: OnError,
+    /// Instance reuse.
+    pub isolation: Isolation,
+    /// Recycle after this many requests.
+    pub max_requests_per_instance: u64,
+}
+
+impl FiltersConfig {
+    /// The effective policy of the filter `name`.
+    pub fn policy_for(&self, name: &str) -> FilterPolicy {
+        let over = self.policy.get(name);
+        let pick = |f: fn(&FilterPolicyConfig) -> Option<u64>, d: u64| {
+            over.and_then(f).or(f(&self.defaults)).unwrap_or(d)
+        };
+        FilterPolicy {
+            timeout_ms: pick(|p| p.timeout_ms, 10),
+            memory_mb: pick(|p| p.memory_mb, 32),
+            max_requests_per_instance: pick(|p| p.max_requests_per_instance, 10_000),
+            on_error: over
+                .and_then(|p| p.on_error)
+                .or(self.defaults.on_error)
+                .unwrap_or(OnError::FailClosed),
+            isolation: over
+                .and_then(|p| p.isolation)
+                .or(self.defaults.isolation)
+                .unwrap_or(Isolation::Pool),
+        }
+    }
+
+    /// The JSON handed to the filter's init: its config table, or `{}`.
+    pub fn init_json(&self, name: &str) -> String {
+        match self.config.get(name) {
+            Some(table) => serde_json::to_string(table).unwrap_or_else(|_| "{}".into()),
+            None => "{}".to_string(),
+        }
+    }
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parse and validate config text that came from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        config.source = path.to_path_buf();
+        config.resolve_paths(path);
+        Validator { text, file: path }.validate(&config)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, path: &Path) {
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(dir) = &self.filters.dir {
+            if dir.is_relative() {
+                self.filters.dir = Some(base.join(dir));
+            }
+        }
+        if let Some(dir) = &self.filters.cache_dir {
+            if dir.is_relative() {
+                self.filters.cache_dir = Some(base.join(dir));
+            }
+        }
+    }
+
+    /// The listener addresses, already validated.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.proxy
+            .listen
+            .iter()
+            .filter_map(|a| a.get_ref().parse().ok())
+            .collect()
+    }
+
+    /// The admin address, if any (already validated).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.proxy
+            .admin
+            .as_ref()
+            .and_then(|a| a.get_ref().parse().ok())
+    }
+}
+
+/// Semantic checks that serde cannot express.
+struct Validator<'a> {
+    text: &'a str,
+    file: &'a Path,
+}
+
+impl Validator<'_> {
+    fn error<T>(
+        &self,
+        span: std::ops::Range<usize>,
+        key: String,
+        reason: String,
+    ) -> Result<T, ConfigError> {
+        let line = if span.start == 0 && span.end == 0 {
+            0
+        } else {
+            self.text[..span.start.min(self.text.len())]
+                .matches('\n')
+                .count()
+                + 1
+        };
+        Err(ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            line,
+            key,
+            reason,
+        })
+    }
+
+    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        let proxy = &config.proxy;
+        if proxy.listen.is_empty() {
+            return self.error(
+                0..0,
+                "proxy.listen".into(),
+                "at least one address is required".into(),
+            );
+        }
+        for (i, addr) in proxy.listen.iter().enumerate() {
+            if addr.get_ref().parse::<SocketAddr>().is_err() {
+                let reason = format!("{:?} is not an ip:port address", addr.get_ref());
+                return self.error(addr.span(), format!("proxy.listen[{i}]"), reason);
+            }
+        }
+        if let Some(admin) = &proxy.admin {
+            if admin.get_ref().parse::<SocketAddr>().is_err() {
+                let reason = format!("{:?} is not an ip:port address", admin.get_ref());
+                return self.error(admin.span(), "proxy.admin".into(), reason);
+            }
+        }
+        if proxy.workers == Some(0) {
+            return self.error(0..0, "proxy.workers".into(), "must be at least 1".into());
+        }
+        let mut names = HashSet::new();
+        for (i, up) in config.upstreams.iter().enumerate() {
+            let name = up.name.get_ref();
+            if !names.insert(name.as_str()) {
+                return self.error(
+                    up.name.span(),
+                    format!("upstream[{i}].name"),
+                    format!("duplicate upstream {name:?}"),
+                );
+            }
+            if up.endpoints.get_ref().is_empty() {
+                let reason = format!("upstream {name:?} has no endpoints");
+                return self.error(
+                    up.endpoints.span(),
+                    format!("upstream[{i}].endpoints"),
+                    reason,
+                );
+            }
+            for (j, ep) in up.endpoints.get_ref().iter().enumerate() {
+                if let Err(reason) = check_endpoint(ep.get_ref()) {
+                    return self.error(ep.span(), format!("upstream[{i}].endpoints[{j}]"), reason);
+                }
+            }
+        }
+        for (i, route) in config.routes.iter().enumerate() {
+            if !route.path_prefix.starts_with('/') {
+                let reason = format!("{:?} must start with '/'", route.path_prefix);
+                return self.error(
+                    route.upstream.span(),
+                    format!("route[{i}].path_prefix"),
+                    reason,
+                );
+            }
+            let up = route.upstream.get_ref();
+            if !names.contains(up.as_str()) {
+                let reason = format!(
+                    "route names upstream {up:?}, which is not defined by any [[upstream]]"
+                );
+                return self.error(
+                    route.upstream.span(),
+                    format!("route[{i}].upstream"),
+                    reason,
+                );
+            }
+            for (j, f) in route.filters.iter().enumerate() {
+                if !valid_filter_name(f.get_ref()) {
+                    let reason = format!(
+                        "{:?} is not a filter name (letters, digits, '-', '_')",
+                        f.get_ref()
+                    );
+                    return self.error(f.span(), format!("route[{i}].filters[{j}]"), reason);
+                }
+            }
+            if !route.filters.is_empty() && config.filters.dir.is_none() {
+                let reason = "route uses filters but [filters] dir is not set".to_string();
+                return self.error(route.upstream.span(), format!("route[{i}].filters"), reason);
+            }
+        }
+        for (name, policy) in &config.filters.policy {
+            if policy.timeout_ms == Some(0) || policy.memory_mb == Some(0) {
+                return self.error(
+                    0..0,
+                    format!("filters.policy.{name}"),
+                    "timeout_ms and memory_mb must be > 0".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A filter name as it appears in a file stem and a route.
+pub fn valid_filter_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn check_endpoint(ep: &str) -> Result<(), String> {
+    let (host, port) = ep
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{ep:?} is not host:port"))?;
+    if host.is_empty() {
+        return Err(format!("{ep:?} has no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{ep:?} has an invalid port")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[proxy]
+listen = ["127.0.0.1:8080"]
+
+[[upstream]]
+name = "app"
+endpoints = ["127.0.0.1:9001"]
+
+[[route]]
+path_prefix = "/"
+upstream = "app"
+"#;
+
+    #[test]
+    fn good_config_parses() {
+        let c = Config::parse(GOOD, Path::new("x.toml")).unwrap();
+        assert_eq!(c.routes[0].upstream.get_ref(), "app");
+        assert_eq!(c.proxy.timeouts.connect_ms, 2000);
+    }
+
+    #[test]
+    fn unknown_upstream_names_line_and_key() {
+        let text = GOOD.replace("upstream = \"app\"", "upstream = \"nope\"");
+        let e = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("x.toml:12: route[0].upstream:"), "{e}");
+        assert!(e.contains("\"nope\""), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let text = GOOD.replace("[proxy]", "[proxy]\nlisten_typo = 1");
+        let e = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen_typo"), "{e}");
+    }
+
+    #[test]
+    fn policy_overrides_defaults() {
+        let text = format!("{GOOD}\n[filters]\ndir = \"f\"\ntimeout_ms = 5\n[filters.policy.a]\ntimeout_ms = 7\non_error = \"fail_open\"\n");
+        let c = Config::parse(&text, Path::new("/etc/x.toml")).unwrap();
+        assert_eq!(c.filters.policy_for("a").timeout_ms, 7);
+        assert_eq!(c.filters.policy_for("a").on_error, OnError::FailOpen);
+        assert_eq!(c.filters.policy_for("b").timeout_ms, 5);
+        assert_eq!(c.filters.dir.as_deref(), Some(Path::new("/etc/f")));
+    }
+}

@@ -1,0 +1,343 @@
+//! Running a route's filter chain: the request phase in order, the response
+//! phase in reverse over the filters that ran, and the body phases for the
+//! filters that asked for them. Every failure goes through the filter's
+//! policy: fail-closed answers 500, fail-open skips the filter.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Response, StatusCode};
+
+use super::bindings::sluicegate::filter::types::{
+    BodyAction, LocalResponse, RequestAction, ResponseAction,
+};
+use super::host_api::{RequestHead, ResponseHead, MAX_HEADER_FIELDS, MAX_HEADER_VALUE};
+use super::instance::{FilterFailure, FilterVersion};
+use super::FilterSet;
+use crate::body::{self, ProxyBody};
+use crate::config::{FiltersConfig, OnError};
+
+/// One filter of a chain, resolved against the live set.
+pub struct Step {
+    /// The name the route gives.
+    pub name: Arc<str>,
+    /// The live version, if loaded.
+    pub version: Option<Arc<FilterVersion>>,
+    /// Its failure policy.
+    pub on_error: OnError,
+}
+
+/// A route's chain as resolved for one request: later reloads do not
+/// change it mid-request.
+pub struct Chain {
+    /// The steps, in request order.
+    pub steps: Vec<Step>,
+}
+
+/// What the request phase decided.
+pub enum RequestDecision {
+    /// Go to the upstream (possibly one a filter chose).
+    Forward {
+        /// The upstream a filter routed to, if any.
+        upstream: Option<String>,
+    },
+    /// Answer with this response.
+    Respond(Response<ProxyBody>),
+}
+
+impl Chain {
+    /// Resolve `names` against `set`.
+    pub fn resolve(set: &FilterSet, names: &[Arc<str>], config: &FiltersConfig) -> Chain {
+        let steps = names
+            .iter()
+            .map(|name| {
+                let version = set.get(name).cloned();
+                let on_error = version
+                    .as_ref()
+                    .map(|v| v.policy.on_error)
+                    .unwrap_or_else(|| config.policy_for(name).on_error);
+                Step {
+                    name: name.clone(),
+                    version,
+                    on_error,
+                }
+            })
+            .collect();
+        Chain { steps }
+    }
+
+    /// True if any filter wants the request body.
+    pub fn wants_request_body(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| s.version.as_ref().is_some_and(|v| v.caps.request_body))
+    }
+
+    /// True if any of the first `ran` filters wants the response body.
+    pub fn wants_response_body(&self, ran: usize) -> bool {
+        self.steps[..ran]
+            .iter()
+            .any(|s| s.version.as_ref().is_some_and(|v| v.caps.response_body))
+    }
+
+    /// Run the request phase. Returns the decision and how many filters
+    /// took part (their response phases run later).
+    pub fn on_request(
+        &self,
+        head: &mut RequestHead,
+        upstream_exists: &dyn Fn(&str) -> bool,
+    ) -> (RequestDecision, usize) {
+        let mut upstream = None;
+        for (i, step) in self.steps.iter().enumerate() {
+            let Some(version) = usable(step) else {
+                match fail(step, &FilterFailure::Missing) {
+                    Some(resp) => return (RequestDecision::Respond(resp), i),
+                    None => continue,
+                }
+            };
+            if !version.caps.request_phase {
+                continue;
+            }
+            let taken = std::mem::replace(head, placeholder());
+            let (back, result) = version.on_request(taken);
+            *head = back;
+            let failure = match result {
+                Ok(RequestAction::Continue) => {
+                    version.stats.record_success();
+                    continue;
+                }
+                Ok(RequestAction::Respond(local)) => match local_response(local) {
+                    Ok(resp) => {
+                        version.stats.record_success();
+                        return (RequestDecision::Respond(resp), i + 1);
+                    }
+                    Err(e) => FilterFailure::Invalid(e),
+                },
+                Ok(RequestAction::Route(name)) if upstream_exists(&name) => {
+                    version.stats.record_success();
+                    upstream = Some(name);
+                    continue;
+                }
+                Ok(RequestAction::Route(name)) => {
+                    FilterFailure::Invalid(format!("route to unknown upstream {name:?}"))
+                }
+                Err(f) => f,
+            };
+            if matches!(failure, FilterFailure::Invalid(_)) {
+                version.stats.record_failure(&failure);
+                tracing::warn!(filter = %step.name, error = %failure, "filter returned an invalid action");
+            }
+            if let Some(resp) = fail(step, &failure) {
+                return (RequestDecision::Respond(resp), i + 1);
+            }
+        }
+        (RequestDecision::Forward { upstream }, self.steps.len())
+    }
+
+    /// Run the request body phase over the buffered body.
+    pub fn on_request_body(
+        &self,
+        head: &mut RequestHead,
+        mut body: Bytes,
+    ) -> Result<Bytes, Response<ProxyBody>> {
+        for step in &self.steps {
+            let Some(version) = usable(step).filter(|v| v.caps.request_body) else {
+                continue;
+            };
+            let taken = std::mem::replace(head, placeholder());
+            let (back, result) = version.on_request_body(taken, &body);
+            *head = back;
+            match result.and_then(|a| body_action(a).map_err(FilterFailure::Invalid)) {
+                Ok(BodyOutcome::Keep) => {}
+                Ok(BodyOutcome::Replace(b)) => body = b,
+                Ok(BodyOutcome::Respond(resp)) => return Err(resp),
+                Err(f) => {
+                    if let Some(resp) = fail(step, &f) {
+                        return Err(resp);
+                    }
+                }
+            }
+        }
+        Ok(body)
+    }
+
+    /// Run the response phase, in reverse, over the first `ran` filters.
+    /// Returns a replacement body when a filter answered in its place.
+    pub fn on_response(
+        &self,
+        ran: usize,
+        req: &mut RequestHead,
+        resp: &mut ResponseHead,
+    ) -> Option<ProxyBody> {
+        let mut replaced = None;
+        for step in self.steps[..ran].iter().rev() {
+            let Some(version) = usable(step).filter(|v| v.caps.response_phase) else {
+                continue;
+            };
+            let (rq, rs, result) =
+                version.on_response(std::mem::replace(req, placeholder()), take_resp(resp));
+            *req = rq;
+            *resp = rs;
+            let outcome = result.and_then(|a| match a {
+                ResponseAction::Continue => Ok(None),
+                ResponseAction::Respond(local) => local_response(local)
+                    .map(Some)
+                    .map_err(FilterFailure::Invalid),
+            });
+            match outcome {
+                Ok(None) => version.stats.record_success(),
+                Ok(Some(new)) => {
+                    let (parts, b) = new.into_parts();
+                    resp.parts = parts;
+                    replaced = Some(b);
+                }
+                Err(f) => {
+                    if let Some(err) = fail(step, &f) {
+                        let (parts, b) = err.into_parts();
+                        resp.parts = parts;
+                        replaced = Some(b);
+                    }
+                }
+            }
+        }
+        replaced
+    }
+
+    /// Run the response body phase, in reverse, over the first `ran` filters.
+    pub fn on_response_body(
+        &self,
+        ran: usize,
+        req: &mut RequestHead,
+        resp: &mut ResponseHead,
+        mut body: Bytes,
+    ) -> Bytes {
+        for step in self.steps[..ran].iter().rev() {
+            let Some(version) = usable(step).filter(|v| v.caps.response_body) else {
+                continue;
+            };
+            let (rq, rs, result) = version.on_response_body(
+                std::mem::replace(req, placeholder()),
+                take_resp(resp),
+                &body,
+            );
+            *req = rq;
+            *resp = rs;
+            let outcome = result.and_then(|a| body_action(a).map_err(FilterFailure::Invalid));
+            let replacement = match outcome {
+                Ok(BodyOutcome::Keep) => None,
+                Ok(BodyOutcome::Replace(b)) => Some((None, b)),
+                Ok(BodyOutcome::Respond(r)) => Some(split(r)),
+                Err(f) => fail(step, &f).map(split),
+            };
+            if let Some((parts, b)) = replacement {
+                if let Some(parts) = parts {
+                    resp.parts = parts;
+                }
+                body = b;
+            }
+        }
+        body
+    }
+}
+
+fn split(r: Response<ProxyBody>) -> (Option<http::response::Parts>, Bytes) {
+    // Local responses built by `local_response` or `fail` carry a full body;
+    // their bytes are kept beside the head so they need no async collect.
+    let (parts, _) = r.into_parts();
+    let text = parts
+        .extensions
+        .get::<LocalBody>()
+        .map(|b| b.0.clone())
+        .unwrap_or_default();
+    (Some(parts), text)
+}
+
+/// The bytes of a local response, kept in its extensions for `split`.
+#[derive(Clone)]
+struct LocalBody(Bytes);
+
+enum BodyOutcome {
+    Keep,
+    Replace(Bytes),
+    Respond(Response<ProxyBody>),
+}
+
+fn body_action(a: BodyAction) -> Result<BodyOutcome, String> {
+    Ok(match a {
+        BodyAction::Continue => BodyOutcome::Keep,
+        BodyAction::Replace(b) => BodyOutcome::Replace(Bytes::from(b)),
+        BodyAction::Respond(local) => BodyOutcome::Respond(local_response(local)?),
+    })
+}
+
+/// The live version, unless quarantined.
+fn usable(step: &Step) -> Option<&Arc<FilterVersion>> {
+    step.version.as_ref().filter(|v| !v.stats.quarantined())
+}
+
+/// Apply the failure policy: `Some(500)` for fail-closed, `None` to skip.
+fn fail(step: &Step, failure: &FilterFailure) -> Option<Response<ProxyBody>> {
+    let failure = match (&step.version, failure) {
+        (Some(v), FilterFailure::Missing) if v.stats.quarantined() => &FilterFailure::Quarantined,
+        _ => failure,
+    };
+    match step.on_error {
+        OnError::FailOpen => {
+            tracing::debug!(filter = %step.name, error = %failure, "filter skipped (fail_open)");
+            None
+        }
+        OnError::FailClosed => {
+            let text = format!("filter {} failed", step.name);
+            let mut resp = body::text_response(StatusCode::INTERNAL_SERVER_ERROR, &text);
+            resp.extensions_mut()
+                .insert(LocalBody(Bytes::from(format!("{text}\n"))));
+            Some(resp)
+        }
+    }
+}
+
+/// Build a response from a filter's local response, checking every part.
+fn local_response(local: LocalResponse) -> Result<Response<ProxyBody>, String> {
+    let status = StatusCode::from_u16(local.status)
+        .map_err(|_| format!("invalid status {}", local.status))?;
+    if local.headers.len() > MAX_HEADER_FIELDS {
+        return Err(format!(
+            "{} headers; the limit is {MAX_HEADER_FIELDS}",
+            local.headers.len()
+        ));
+    }
+    let bytes = Bytes::from(local.body);
+    let mut resp = Response::new(body::full(bytes.clone()));
+    *resp.status_mut() = status;
+    for (name, value) in local.headers {
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name {name:?}"))?;
+        if value.len() > MAX_HEADER_VALUE {
+            return Err(format!("header {n} too long"));
+        }
+        let v =
+            HeaderValue::from_str(&value).map_err(|_| format!("invalid value for header {n}"))?;
+        resp.headers_mut().append(n, v);
+    }
+    resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+    resp.headers_mut().remove(http::header::TRANSFER_ENCODING);
+    resp.extensions_mut().insert(LocalBody(bytes));
+    Ok(resp)
+}
+
+fn placeholder() -> RequestHead {
+    RequestHead {
+        parts: http::Request::new(()).into_parts().0,
+        client: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        scheme: "http",
+    }
+}
+
+fn take_resp(resp: &mut ResponseHead) -> ResponseHead {
+    std::mem::replace(
+        resp,
+        ResponseHead {
+            parts: http::Response::new(()).into_parts().0,
+        },
+    )
+}

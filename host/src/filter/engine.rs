@@ -1,0 +1,141 @@
+//! The one wasmtime `Engine` of the process: its settings, the linker with
+//! the host imports, the epoch ticker behind CPU deadlines, and compilation
+//! with an on-disk cache of precompiled artifacts.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings::Filter;
+use super::host_api::HostState;
+
+/// One epoch tick: the granularity of CPU deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// The engine, the linker, and where compiled artifacts are cached.
+#[derive(Clone)]
+pub struct FilterEngine {
+    /// The process-wide engine.
+    pub engine: Engine,
+    /// Host imports: the WIT interfaces and an empty WASI.
+    pub linker: std::sync::Arc<Linker<HostState>>,
+    cache_dir: Option<PathBuf>,
+    compat: String,
+}
+
+impl FilterEngine {
+    /// Build the engine and start its epoch ticker thread.
+    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<FilterEngine> {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(1000)
+            .total_core_instances(2000)
+            .total_memories(1000)
+            .total_tables(1000)
+            .max_core_instances_per_component(64)
+            .max_memories_per_component(8)
+            .max_tables_per_component(64)
+            .table_elements(100_000)
+            .max_memory_size(1 << 30)
+            .linear_memory_keep_resident(64 * 1024)
+            .table_keep_resident(16 * 1024);
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .memory_init_cow(true)
+            .wasm_component_model(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("creating the wasmtime engine")?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
+        Filter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(anyhow::Error::from)?;
+
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("sluicegate-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            })
+            .context("starting the epoch thread")?;
+
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let compat = format!(
+            "{:016x}-wasmtime48-{}",
+            hasher.finish(),
+            env!("CARGO_PKG_VERSION")
+        );
+        Ok(FilterEngine {
+            engine,
+            linker: std::sync::Arc::new(linker),
+            cache_dir,
+            compat,
+        })
+    }
+
+    /// Compile a component, or map its cached artifact. Blocking: call it
+    /// off the async runtime. Returns the component and its content hash.
+    pub fn compile(&self, wasm: &[u8]) -> anyhow::Result<(Component, String)> {
+        let hash = hex::encode(Sha256::digest(wasm));
+        let Some(dir) = &self.cache_dir else {
+            let component = Component::new(&self.engine, wasm).map_err(anyhow::Error::from)?;
+            return Ok((component, hash));
+        };
+        let artifact = dir.join(format!("{hash}-{}.cwasm", self.compat));
+        if artifact.exists() {
+            match load_artifact(&self.engine, &artifact) {
+                Ok(c) => return Ok((c, hash)),
+                Err(e) => {
+                    tracing::warn!(artifact = %artifact.display(), error = %e, "ignoring unusable cached artifact")
+                }
+            }
+        }
+        let bytes = self
+            .engine
+            .precompile_component(wasm)
+            .map_err(anyhow::Error::from)?;
+        if let Err(e) = write_atomically(dir, &artifact, &bytes) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot cache compiled filter");
+            let component = Component::new(&self.engine, wasm).map_err(anyhow::Error::from)?;
+            return Ok((component, hash));
+        }
+        Ok((load_artifact(&self.engine, &artifact)?, hash))
+    }
+}
+
+/// Map a precompiled artifact.
+///
+/// This is the one `unsafe` in Sluicegate. `Component::deserialize_file`
+/// is unsafe because wasmtime trusts the file to be machine code it
+/// produced itself: a forged file could run arbitrary native code. It is
+/// sound here because the file is only ever written by `compile` above,
+/// into the operator's cache directory, under a name that pins the source
+/// hash and the engine's compatibility hash (so settings or version
+/// changes never load a stale artifact), and wasmtime itself checks the
+/// header and engine compatibility before using it.
+fn load_artifact(engine: &Engine, path: &Path) -> anyhow::Result<Component> {
+    #[allow(unsafe_code)]
+    let component = unsafe { Component::deserialize_file(engine, path) };
+    component
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("loading {}", path.display()))
+}
+
+fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,445 @@
+//! What a filter can reach: the host side of the WIT imports (the heads as
+//! resources, log, kv, metrics, env) and the per-store state behind them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use parking_lot::Mutex;
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::sluicegate::filter::{env, kv, log, metrics as wit_metrics, types};
+use super::kv::KvStore;
+
+/// Longest header value a filter may set, bytes.
+pub const MAX_HEADER_VALUE: usize = 16 * 1024;
+/// Most header fields a head may carry after a filter edits it.
+pub const MAX_HEADER_FIELDS: usize = 256;
+/// Most distinct counter names one filter may create.
+const MAX_COUNTERS: usize = 128;
+/// Longest log line kept from a filter.
+const MAX_LOG_LINE: usize = 4096;
+
+/// The request head a filter sees, moved into the store for one call.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// Method, URI, version, headers.
+    pub parts: http::request::Parts,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// `http` or `https`.
+    pub scheme: &'static str,
+}
+
+/// The response head a filter sees.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// Status, version, headers.
+    pub parts: http::response::Parts,
+}
+
+/// Shared by every instance of one filter name: identity, KV, counters.
+#[derive(Debug)]
+pub struct FilterContext {
+    /// The filter's name (its file stem).
+    pub name: Arc<str>,
+    /// Its key-value namespace.
+    pub kv: Arc<KvStore>,
+    counters: Mutex<HashMap<String, metrics::Counter>>,
+}
+
+impl FilterContext {
+    /// A context for `name` with its KV namespace.
+    pub fn new(name: Arc<str>, kv: Arc<KvStore>) -> FilterContext {
+        FilterContext {
+            name,
+            kv,
+            counters: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// The data of one filter instance's store.
+pub struct HostState {
+    /// Resources handed to the guest (the heads, for one call at a time).
+    pub table: ResourceTable,
+    /// An empty WASI context: no preopens, no env, no sockets, no stdio.
+    wasi: WasiCtx,
+    /// The memory cap and the memory in use.
+    pub limits: MemoryCap,
+    /// The filter's shared context.
+    pub ctx: Arc<FilterContext>,
+}
+
+impl HostState {
+    /// State for a new instance of the filter behind `ctx`.
+    pub fn new(ctx: Arc<FilterContext>, memory_cap: usize) -> HostState {
+        HostState {
+            table: ResourceTable::new(),
+            wasi: WasiCtx::builder().build(),
+            limits: MemoryCap {
+                cap: memory_cap,
+                used: 0,
+            },
+            ctx,
+        }
+    }
+}
+
+/// Caps the linear memory of one store and tracks what it uses.
+#[derive(Debug)]
+pub struct MemoryCap {
+    /// The most bytes all memories of the store may hold together.
+    pub cap: usize,
+    /// Bytes held now.
+    pub used: usize,
+}
+
+/// The error a store raises when its filter hits its memory cap.
+pub const MEMORY_CAP_ERROR: &str = "filter exceeded its memory cap";
+
+impl wasmtime::ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let next = self.used.saturating_sub(current).saturating_add(desired);
+        if next > self.cap {
+            return Err(wasmtime::format_err!(
+                "{MEMORY_CAP_ERROR} of {} MiB (wanted {} bytes)",
+                self.cap >> 20,
+                next
+            ));
+        }
+        self.used = next;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Parse a header a filter wants to write, enforcing the size limits.
+pub fn checked_header(
+    headers: &HeaderMap,
+    name: &str,
+    value: &str,
+    adding: bool,
+) -> Result<(HeaderName, HeaderValue), String> {
+    let name = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("invalid header name {name:?}"))?;
+    if value.len() > MAX_HEADER_VALUE {
+        return Err(format!(
+            "value of {name} is {} bytes; the limit is {MAX_HEADER_VALUE}",
+            value.len()
+        ));
+    }
+    let value =
+        HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name}"))?;
+    let grows = adding || !headers.contains_key(&name);
+    if grows && headers.len() >= MAX_HEADER_FIELDS {
+        return Err(format!(
+            "too many header fields (limit {MAX_HEADER_FIELDS})"
+        ));
+    }
+    Ok((name, value))
+}
+
+fn first(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+fn all(headers: &HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect()
+}
+
+fn names(headers: &HeaderMap) -> Vec<String> {
+    headers.keys().map(|k| k.as_str().to_string()).collect()
+}
+
+fn set(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), String> {
+    let (n, v) = checked_header(headers, name, value, false)?;
+    headers.insert(n, v);
+    Ok(())
+}
+
+fn append(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), String> {
+    let (n, v) = checked_header(headers, name, value, true)?;
+    headers.append(n, v);
+    Ok(())
+}
+
+fn remove(headers: &mut HeaderMap, name: &str) {
+    if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+        headers.remove(n);
+    }
+}
+
+type Wr<T> = wasmtime::Result<T>;
+
+impl HostState {
+    fn req(&self, r: &Resource<RequestHead>) -> Wr<&RequestHead> {
+        Ok(self.table.get(r)?)
+    }
+    fn req_mut(&mut self, r: &Resource<RequestHead>) -> Wr<&mut RequestHead> {
+        Ok(self.table.get_mut(r)?)
+    }
+    fn resp(&self, r: &Resource<ResponseHead>) -> Wr<&ResponseHead> {
+        Ok(self.table.get(r)?)
+    }
+    fn resp_mut(&mut self, r: &Resource<ResponseHead>) -> Wr<&mut ResponseHead> {
+        Ok(self.table.get_mut(r)?)
+    }
+}
+
+impl types::Host for HostState {}
+
+impl types::HostRequestHead for HostState {
+    fn method(&mut self, r: Resource<RequestHead>) -> Wr<String> {
+        Ok(self.req(&r)?.parts.method.as_str().to_string())
+    }
+    fn path(&mut self, r: Resource<RequestHead>) -> Wr<String> {
+        let uri = &self.req(&r)?.parts.uri;
+        Ok(uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string())
+    }
+    fn set_path(&mut self, r: Resource<RequestHead>, path: String) -> Wr<Result<(), String>> {
+        if !path.starts_with('/') {
+            return Ok(Err(format!("path {path:?} must start with '/'")));
+        }
+        let pq = match http::uri::PathAndQuery::try_from(path.as_str()) {
+            Ok(pq) => pq,
+            Err(e) => return Ok(Err(format!("invalid path {path:?}: {e}"))),
+        };
+        let head = self.req_mut(&r)?;
+        let mut parts = head.parts.uri.clone().into_parts();
+        parts.path_and_query = Some(pq);
+        match http::Uri::from_parts(parts) {
+            Ok(uri) => {
+                head.parts.uri = uri;
+                Ok(Ok(()))
+            }
+            Err(e) => Ok(Err(format!("invalid path {path:?}: {e}"))),
+        }
+    }
+    fn authority(&mut self, r: Resource<RequestHead>) -> Wr<Option<String>> {
+        let head = self.req(&r)?;
+        Ok(head
+            .parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| first(&head.parts.headers, "host")))
+    }
+    fn scheme(&mut self, r: Resource<RequestHead>) -> Wr<String> {
+        Ok(self.req(&r)?.scheme.to_string())
+    }
+    fn client_addr(&mut self, r: Resource<RequestHead>) -> Wr<String> {
+        Ok(self.req(&r)?.client.to_string())
+    }
+    fn header(&mut self, r: Resource<RequestHead>, name: String) -> Wr<Option<String>> {
+        Ok(first(&self.req(&r)?.parts.headers, &name))
+    }
+    fn header_all(&mut self, r: Resource<RequestHead>, name: String) -> Wr<Vec<String>> {
+        Ok(all(&self.req(&r)?.parts.headers, &name))
+    }
+    fn header_names(&mut self, r: Resource<RequestHead>) -> Wr<Vec<String>> {
+        Ok(names(&self.req(&r)?.parts.headers))
+    }
+    fn set_header(
+        &mut self,
+        r: Resource<RequestHead>,
+        name: String,
+        value: String,
+    ) -> Wr<Result<(), String>> {
+        Ok(set(&mut self.req_mut(&r)?.parts.headers, &name, &value))
+    }
+    fn append_header(
+        &mut self,
+        r: Resource<RequestHead>,
+        name: String,
+        value: String,
+    ) -> Wr<Result<(), String>> {
+        Ok(append(&mut self.req_mut(&r)?.parts.headers, &name, &value))
+    }
+    fn remove_header(&mut self, r: Resource<RequestHead>, name: String) -> Wr<()> {
+        remove(&mut self.req_mut(&r)?.parts.headers, &name);
+        Ok(())
+    }
+    fn drop(&mut self, r: Resource<RequestHead>) -> Wr<()> {
+        // Heads are only ever lent to the guest; the host takes them back.
+        let _ = self.table.delete(r);
+        Ok(())
+    }
+}
+
+impl types::HostResponseHead for HostState {
+    fn status(&mut self, r: Resource<ResponseHead>) -> Wr<u16> {
+        Ok(self.resp(&r)?.parts.status.as_u16())
+    }
+    fn set_status(&mut self, r: Resource<ResponseHead>, status: u16) -> Wr<Result<(), String>> {
+        match http::StatusCode::from_u16(status) {
+            Ok(s) => {
+                self.resp_mut(&r)?.parts.status = s;
+                Ok(Ok(()))
+            }
+            Err(_) => Ok(Err(format!("invalid status {status}"))),
+        }
+    }
+    fn header(&mut self, r: Resource<ResponseHead>, name: String) -> Wr<Option<String>> {
+        Ok(first(&self.resp(&r)?.parts.headers, &name))
+    }
+    fn header_all(&mut self, r: Resource<ResponseHead>, name: String) -> Wr<Vec<String>> {
+        Ok(all(&self.resp(&r)?.parts.headers, &name))
+    }
+    fn header_names(&mut self, r: Resource<ResponseHead>) -> Wr<Vec<String>> {
+        Ok(names(&self.resp(&r)?.parts.headers))
+    }
+    fn set_header(
+        &mut self,
+        r: Resource<ResponseHead>,
+        name: String,
+        value: String,
+    ) -> Wr<Result<(), String>> {
+        Ok(set(&mut self.resp_mut(&r)?.parts.headers, &name, &value))
+    }
+    fn append_header(
+        &mut self,
+        r: Resource<ResponseHead>,
+        name: String,
+        value: String,
+    ) -> Wr<Result<(), String>> {
+        Ok(append(&mut self.resp_mut(&r)?.parts.headers, &name, &value))
+    }
+    fn remove_header(&mut self, r: Resource<ResponseHead>, name: String) -> Wr<()> {
+        remove(&mut self.resp_mut(&r)?.parts.headers, &name);
+        Ok(())
+    }
+    fn drop(&mut self, r: Resource<ResponseHead>) -> Wr<()> {
+        let _ = self.table.delete(r);
+        Ok(())
+    }
+}
+
+impl log::Host for HostState {
+    fn write(&mut self, level: types::LogLevel, message: String) -> Wr<()> {
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let filter = &*self.ctx.name;
+        match level {
+            types::LogLevel::Trace => tracing::trace!(filter, "{message}"),
+            types::LogLevel::Debug => tracing::debug!(filter, "{message}"),
+            types::LogLevel::Info => tracing::info!(filter, "{message}"),
+            types::LogLevel::Warn => tracing::warn!(filter, "{message}"),
+            types::LogLevel::Error => tracing::error!(filter, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+impl kv::Host for HostState {
+    fn get(&mut self, key: String) -> Wr<Option<Vec<u8>>> {
+        Ok(self.ctx.kv.get(&key))
+    }
+    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Wr<()> {
+        if !self.ctx.kv.set(key, value, ttl_ms) {
+            tracing::warn!(filter = %self.ctx.name, "kv set dropped: store full or entry too large");
+        }
+        Ok(())
+    }
+    fn delete(&mut self, key: String) -> Wr<bool> {
+        Ok(self.ctx.kv.delete(&key))
+    }
+    fn increment(
+        &mut self,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> Wr<Result<i64, String>> {
+        Ok(self.ctx.kv.increment(key, delta, ttl_ms))
+    }
+    fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Wr<bool> {
+        Ok(self
+            .ctx
+            .kv
+            .compare_and_swap(key, expected.as_deref(), value, ttl_ms))
+    }
+}
+
+impl wit_metrics::Host for HostState {
+    fn counter_add(&mut self, name: String, delta: u64) -> Wr<()> {
+        let mut counters = self.ctx.counters.lock();
+        if let Some(c) = counters.get(&name) {
+            c.increment(delta);
+            return Ok(());
+        }
+        if counters.len() >= MAX_COUNTERS || name.len() > 128 {
+            return Ok(());
+        }
+        let c = metrics::counter!("sluicegate_filter_counter_total", "filter" => self.ctx.name.to_string(), "name" => name.clone());
+        c.increment(delta);
+        counters.insert(name, c);
+        Ok(())
+    }
+}
+
+fn process_start() -> Instant {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+impl env::Host for HostState {
+    fn now_ms(&mut self) -> Wr<u64> {
+        Ok(SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0))
+    }
+    fn monotonic_ns(&mut self) -> Wr<u64> {
+        Ok(process_start().elapsed().as_nanos() as u64)
+    }
+    fn random_u64(&mut self) -> Wr<u64> {
+        Ok(fastrand::u64(..))
+    }
+}

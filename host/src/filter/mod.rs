@@ -1,0 +1,270 @@
+//! The WebAssembly filter runtime: loading components from the filter
+//! directory, keeping the live set in an atomically swapped snapshot, and
+//! running a route's chain (see `chain`).
+//!
+//! Lifecycle of a filter version: file read → content hash → compiled (or
+//! its cached artifact mapped) off the async runtime → pre-instantiated →
+//! one instance made and `init` called with its config → live. A version
+//! that fails any step never goes live; the last good one stays.
+
+pub mod chain;
+pub mod engine;
+pub mod host_api;
+pub mod instance;
+pub mod kv;
+pub mod stats;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use crate::config::{valid_filter_name, FiltersConfig};
+use engine::FilterEngine;
+use host_api::FilterContext;
+use instance::FilterVersion;
+use stats::FilterStats;
+
+/// Host bindings generated from `wit/filter.wit`.
+#[allow(missing_docs)]
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "filter",
+        with: {
+            "sluicegate:filter/types.request-head": super::host_api::RequestHead,
+            "sluicegate:filter/types.response-head": super::host_api::ResponseHead,
+        },
+        imports: { default: trappable },
+    });
+}
+
+/// What the admin API shows for one filter.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FilterStatus {
+    /// The filter's name.
+    pub name: String,
+    /// The file it comes from.
+    pub file: PathBuf,
+    /// Content hash of the live version (or of the failed file if none is live).
+    pub hash: String,
+    /// When the live version was loaded, seconds since the Unix epoch.
+    pub loaded_at: Option<u64>,
+    /// `active`, `failed` (the last load failed; an older version may still
+    /// be live) or `quarantined`.
+    pub state: &'static str,
+    /// The most recent error, if any.
+    pub last_error: Option<String>,
+}
+
+/// The live filters: an immutable snapshot, swapped whole.
+#[derive(Default)]
+pub struct FilterSet {
+    active: HashMap<Arc<str>, Arc<FilterVersion>>,
+    failed: BTreeMap<String, (PathBuf, String, String)>,
+    files: BTreeMap<String, PathBuf>,
+}
+
+impl FilterSet {
+    /// The live version of `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<FilterVersion>> {
+        self.active.get(name)
+    }
+
+    /// Status of every filter, for the admin API.
+    pub fn status(&self) -> Vec<FilterStatus> {
+        let mut names: Vec<&String> = self.files.keys().chain(self.failed.keys()).collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| {
+                let live = self.active.get(name.as_str());
+                let failed = self.failed.get(name);
+                let state = match (live, failed) {
+                    (Some(v), _) if v.stats.quarantined() => "quarantined",
+                    (_, Some(_)) => "failed",
+                    _ => "active",
+                };
+                let last_error = failed
+                    .map(|(_, _, e)| e.clone())
+                    .or_else(|| live.and_then(|v| v.stats.last_error.lock().clone()));
+                FilterStatus {
+                    name: name.clone(),
+                    file: self
+                        .files
+                        .get(name)
+                        .cloned()
+                        .or_else(|| failed.map(|f| f.0.clone()))
+                        .unwrap_or_default(),
+                    hash: live
+                        .map(|v| v.hash.clone())
+                        .or_else(|| failed.map(|f| f.1.clone()))
+                        .unwrap_or_default(),
+                    loaded_at: live.map(|v| unix_secs(v.loaded_at)),
+                    state,
+                    last_error,
+                }
+            })
+            .collect()
+    }
+
+    /// Names of the live filters.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.active.keys().map(|k| k.to_string()).collect();
+        v.sort();
+        v
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Loads filters and holds the live set.
+pub struct FilterRuntime {
+    engine: FilterEngine,
+    kv: kv::KvRegistry,
+    stats: Mutex<HashMap<String, Arc<FilterStats>>>,
+    current: ArcSwap<FilterSet>,
+    load_lock: Mutex<()>,
+}
+
+impl FilterRuntime {
+    /// A runtime with no filters loaded yet.
+    pub fn new(config: &FiltersConfig) -> anyhow::Result<FilterRuntime> {
+        let cache = config
+            .cache_dir
+            .clone()
+            .or_else(|| Some(std::env::temp_dir().join("sluicegate-cache")));
+        Ok(FilterRuntime {
+            engine: FilterEngine::new(cache)?,
+            kv: kv::KvRegistry::default(),
+            stats: Mutex::new(HashMap::new()),
+            current: ArcSwap::from_pointee(FilterSet::default()),
+            load_lock: Mutex::new(()),
+        })
+    }
+
+    /// The live set (cheap; never blocks on a reload).
+    pub fn current(&self) -> Arc<FilterSet> {
+        self.current.load_full()
+    }
+
+    fn stats_for(&self, name: &str) -> Arc<FilterStats> {
+        self.stats
+            .lock()
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(FilterStats::new(name)))
+            .clone()
+    }
+
+    /// (Re)load every `*.wasm` in the configured directory and swap the live
+    /// set. Unchanged files (same hash, policy and config) keep their live
+    /// version; a file that fails keeps its previous version live. Blocking.
+    /// Returns the errors, each naming the file.
+    pub fn reload(&self, config: &FiltersConfig) -> Vec<String> {
+        let _serial = self.load_lock.lock();
+        let previous = self.current();
+        let mut next = FilterSet::default();
+        let mut errors = Vec::new();
+        for (name, path) in scan_dir(config.dir.as_deref(), &mut errors) {
+            next.files.insert(name.clone(), path.clone());
+            match self.load_one(&name, &path, config, previous.get(&name)) {
+                Ok(version) => {
+                    next.active.insert(Arc::from(name.as_str()), version);
+                }
+                Err((hash, e)) => {
+                    let msg = format!("filter {name:?} ({}): {e:#}", path.display());
+                    tracing::error!("{msg}");
+                    metrics::counter!("sluicegate_filter_load_failures_total", "filter" => name.clone()).increment(1);
+                    if let Some(old) = previous.get(&name) {
+                        next.active.insert(Arc::from(name.as_str()), old.clone());
+                    }
+                    next.failed
+                        .insert(name.clone(), (path.clone(), hash, msg.clone()));
+                    errors.push(msg);
+                }
+            }
+        }
+        self.current.store(Arc::new(next));
+        errors
+    }
+
+    fn load_one(
+        &self,
+        name: &str,
+        path: &Path,
+        config: &FiltersConfig,
+        previous: Option<&Arc<FilterVersion>>,
+    ) -> Result<Arc<FilterVersion>, (String, anyhow::Error)> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| (String::new(), anyhow::Error::from(e).context("cannot read")))?;
+        let policy = config.policy_for(name);
+        let init = config.init_json(name);
+        let (component, hash) = self.engine.compile(&bytes).map_err(|e| {
+            let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            (hash, e.context("not a valid filter component"))
+        })?;
+        if let Some(old) = previous {
+            if old.hash == hash && old.policy == policy && old.init_config() == init {
+                return Ok(old.clone());
+            }
+        }
+        let ctx = Arc::new(FilterContext::new(Arc::from(name), self.kv.namespace(name)));
+        let version = FilterVersion::new(
+            &self.engine,
+            &component,
+            hash.clone(),
+            ctx,
+            policy,
+            init,
+            self.stats_for(name),
+        )
+        .map_err(|e| (hash.clone(), e))?;
+        tracing::info!(filter = name, hash = &hash[..12], caps = ?version.caps, "filter loaded");
+        Ok(Arc::new(version))
+    }
+}
+
+/// `*.wasm` files of `dir`, by name. Hidden and temporary files are skipped
+/// (editors and `kubectl` write those before renaming).
+fn scan_dir(dir: Option<&Path>, errors: &mut Vec<String>) -> BTreeMap<String, PathBuf> {
+    let mut found = BTreeMap::new();
+    let Some(dir) = dir else { return found };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            errors.push(format!("filter directory {}: {e}", dir.display()));
+            return found;
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
+            continue;
+        };
+        if file.starts_with('.') || path.extension().and_then(|e| e.to_str()) != Some("wasm") {
+            continue;
+        }
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        if !valid_filter_name(stem) {
+            errors.push(format!(
+                "{}: {stem:?} is not a valid filter name",
+                path.display()
+            ));
+            continue;
+        }
+        if path.is_file() {
+            found.insert(stem.to_string(), path);
+        }
+    }
+    found
+}

@@ -1,0 +1,373 @@
+//! One request's journey through the proxy, top to bottom:
+//!
+//! 1. match a route (host, longest path prefix) — 404 if none;
+//! 2. strip hop-by-hop headers; run the route's request filters in order
+//!    (they may edit the head, answer locally, or pick the upstream);
+//! 3. buffer the body only if a filter asked for it;
+//! 4. add `X-Forwarded-*` and `Via`; the balancer picks an endpoint and the
+//!    pooled client sends the request (502 refused/broken, 504 slow);
+//! 5. run the response filters in reverse over the filters that ran
+//!    (local answers and errors included); strip hop-by-hop; add `Via`;
+//! 6. stream the body back (or pass a WebSocket through after `101`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::balance::Upstream;
+use crate::body::{self, ProxyBody};
+use crate::config::Config;
+use crate::filter::chain::{Chain, RequestDecision};
+use crate::filter::host_api::{RequestHead, ResponseHead};
+use crate::filter::FilterRuntime;
+use crate::headers;
+use crate::route::RouteTable;
+use crate::upstream::{error_chain, ForwardError, UpstreamClient};
+
+/// Everything a request needs that a config reload replaces, swapped whole.
+pub struct Snapshot {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Routes in match order.
+    pub routes: RouteTable,
+    /// Upstreams by name.
+    pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+}
+
+impl Snapshot {
+    /// Build the runtime view of a validated config.
+    pub fn new(config: Config) -> anyhow::Result<Snapshot> {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                Ok((
+                    Arc::from(u.name.get_ref().as_str()),
+                    Arc::new(Upstream::new(u)?),
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Snapshot {
+            routes: RouteTable::new(&config),
+            upstreams,
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// How the client reached us.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// `http` or `https`.
+    pub scheme: &'static str,
+}
+
+/// The proxy: live snapshot, upstream client, filter runtime.
+pub struct Proxy {
+    /// The live configuration snapshot.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// The pooled upstream client.
+    pub client: UpstreamClient,
+    /// The filter runtime (present when `[filters] dir` is set).
+    pub filters: Option<Arc<FilterRuntime>>,
+}
+
+impl Proxy {
+    /// Serve one request. Never fails: errors become 4xx/5xx responses.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let snap = self.snapshot.load_full();
+        let method = req.method().clone();
+        let (resp, route) = self.journey(&snap, req, conn).await;
+        let status = resp.status().as_u16();
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        metrics::counter!("sluicegate_requests_total", "route" => route.clone(), "status" => class)
+            .increment(1);
+        metrics::histogram!("sluicegate_request_seconds", "route" => route)
+            .record(started.elapsed().as_secs_f64());
+        tracing::debug!(%method, status, "request done");
+        resp
+    }
+
+    async fn journey(
+        &self,
+        snap: &Snapshot,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> (Response<ProxyBody>, String) {
+        let host = request_host(&req);
+        let Some(route) = snap.routes.find(host.as_deref(), req.uri().path()) else {
+            tracing::info!(
+                host = host.as_deref().unwrap_or("-"),
+                path = req.uri().path(),
+                "no route"
+            );
+            return (
+                body::text_response(StatusCode::NOT_FOUND, "no route for this host and path"),
+                "none".into(),
+            );
+        };
+        let label = route.label.to_string();
+        let upgrade = headers::upgrade_request(req.headers());
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let (mut parts, incoming) = req.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        let mut head = RequestHead {
+            parts,
+            client: conn.client,
+            scheme: conn.scheme,
+        };
+
+        let chain = match (&self.filters, route.filters.is_empty()) {
+            (Some(rt), false) => Some(Chain::resolve(
+                &rt.current(),
+                &route.filters,
+                &snap.config.filters,
+            )),
+            _ => None,
+        };
+        let mut ran = 0;
+        let mut target = route.upstream.clone();
+        let mut req_body = body::boxed(incoming);
+        if let Some(chain) = &chain {
+            let exists = |name: &str| snap.upstreams.contains_key(name);
+            let (decision, n) = chain.on_request(&mut head, &exists);
+            ran = n;
+            match decision {
+                RequestDecision::Respond(resp) => {
+                    return (self.finish(chain, ran, head, resp).await, label)
+                }
+                RequestDecision::Forward {
+                    upstream: Some(name),
+                } => target = Arc::from(name.as_str()),
+                RequestDecision::Forward { upstream: None } => {}
+            }
+            if chain.wants_request_body() {
+                match self.filter_request_body(chain, &mut head, req_body).await {
+                    Ok(b) => req_body = b,
+                    Err(resp) => return (self.finish(chain, ran, head, resp).await, label),
+                }
+            }
+        }
+
+        let Some(upstream) = snap.upstreams.get(&target) else {
+            let resp = body::text_response(StatusCode::BAD_GATEWAY, "upstream not configured");
+            return (
+                self.finish_opt(chain.as_ref(), ran, head, resp).await,
+                label,
+            );
+        };
+        let resp = self
+            .forward(snap, upstream, &head, req_body, upgrade.clone())
+            .await;
+        let resp = match (resp, client_upgrade) {
+            (Ok(mut resp), Some(on_client)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                tunnel(hyper::upgrade::on(&mut resp), on_client);
+                let (parts, _) = resp.into_parts();
+                let mut out = Response::from_parts(parts, body::empty());
+                headers::add_via(out.headers_mut(), Version::HTTP_11, &snap.config.proxy.via);
+                return (out, label);
+            }
+            (Ok(resp), _) => {
+                let (mut parts, b) = resp.into_parts();
+                headers::remove_hop_by_hop(&mut parts.headers);
+                headers::add_via(&mut parts.headers, parts.version, &snap.config.proxy.via);
+                Response::from_parts(parts, body::boxed(b))
+            }
+            (Err(e), _) => error_response(&upstream.name, &e),
+        };
+        (
+            self.finish_opt(chain.as_ref(), ran, head, resp).await,
+            label,
+        )
+    }
+
+    /// Add the forwarding headers and send the request upstream.
+    async fn forward(
+        &self,
+        snap: &Snapshot,
+        upstream: &Upstream,
+        head: &RequestHead,
+        body: ProxyBody,
+        upgrade: Option<HeaderValue>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let mut parts = head.parts.clone();
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        if let Some(h) = &host {
+            parts.headers.insert(header::HOST, h.clone());
+        }
+        headers::add_forwarded(
+            &mut parts.headers,
+            head.client.ip(),
+            head.scheme,
+            host.as_ref(),
+        );
+        headers::add_via(&mut parts.headers, parts.version, &snap.config.proxy.via);
+        if let Some(proto) = upgrade {
+            parts.headers.insert(header::UPGRADE, proto);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        parts.version = Version::HTTP_11;
+        self.client
+            .forward(upstream, Request::from_parts(parts, body))
+            .await
+    }
+
+    /// Buffer the request body (up to the limit) and run the body phase.
+    async fn filter_request_body(
+        &self,
+        chain: &Chain,
+        head: &mut RequestHead,
+        body: ProxyBody,
+    ) -> Result<ProxyBody, Response<ProxyBody>> {
+        let limit = self.snapshot.load().config.filters.max_body_bytes;
+        let bytes = collect_limited(body, limit).await.map_err(|status| {
+            body::text_response(status, "request body too large for the filter")
+        })?;
+        let bytes = chain.on_request_body(head, bytes)?;
+        set_length(&mut head.parts.headers, bytes.len());
+        Ok(body::full(bytes))
+    }
+
+    async fn finish_opt(
+        &self,
+        chain: Option<&Chain>,
+        ran: usize,
+        head: RequestHead,
+        resp: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        match chain {
+            Some(c) => self.finish(c, ran, head, resp).await,
+            None => resp,
+        }
+    }
+
+    /// Run the response phases over the filters that ran.
+    async fn finish(
+        &self,
+        chain: &Chain,
+        ran: usize,
+        mut req: RequestHead,
+        resp: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
+        if ran == 0 {
+            return resp;
+        }
+        let (parts, mut body) = resp.into_parts();
+        let mut head = ResponseHead { parts };
+        if let Some(replaced) = chain.on_response(ran, &mut req, &mut head) {
+            body = replaced;
+        }
+        if chain.wants_response_body(ran) {
+            let limit = self.snapshot.load().config.filters.max_body_bytes;
+            let bytes = match collect_limited(body, limit).await {
+                Ok(b) => b,
+                Err(_) => {
+                    return body::text_response(
+                        StatusCode::BAD_GATEWAY,
+                        "response body too large for the filter",
+                    )
+                }
+            };
+            let bytes = chain.on_response_body(ran, &mut req, &mut head, bytes);
+            set_length(&mut head.parts.headers, bytes.len());
+            body = body::full(bytes);
+        }
+        Response::from_parts(head.parts, body)
+    }
+}
+
+/// Collect a body up to `limit` bytes: 413 past it, 400 if it breaks.
+async fn collect_limited(mut body: ProxyBody, limit: usize) -> Result<Bytes, StatusCode> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| StatusCode::BAD_REQUEST)?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(StatusCode::PAYLOAD_TOO_LARGE);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn set_length(headers: &mut http::HeaderMap, len: usize) {
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+}
+
+/// The host the client asked for: `:authority` / absolute URI, else `Host`.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+}
+
+/// 502 or 504, with a log line giving the reason.
+fn error_response(upstream: &str, e: &ForwardError) -> Response<ProxyBody> {
+    tracing::warn!(upstream, error = %e, "upstream request failed");
+    match e {
+        ForwardError::Timeout { .. } => {
+            body::text_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out")
+        }
+        ForwardError::Connect { .. } => {
+            body::text_response(StatusCode::BAD_GATEWAY, "upstream unavailable")
+        }
+        ForwardError::Broken { .. } => {
+            body::text_response(StatusCode::BAD_GATEWAY, "upstream connection failed")
+        }
+    }
+}
+
+/// After both sides switched protocols, copy bytes both ways until either
+/// side closes.
+fn tunnel(upstream: hyper::upgrade::OnUpgrade, client: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (up, down) = match tokio::try_join!(upstream, client) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "upgrade failed");
+                return;
+            }
+        };
+        let mut up = hyper_util::rt::TokioIo::new(up);
+        let mut down = hyper_util::rt::TokioIo::new(down);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+            tracing::debug!(error = %e, "tunnel closed");
+        }
+    });
+}

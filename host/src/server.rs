@@ -1,0 +1,243 @@
+//! Listeners and client connections: HTTP/1.1 and h2c (prior knowledge) on
+//! the same port, timeouts against slow and idle clients, and graceful
+//! shutdown (stop accepting, let in-flight requests finish, up to a deadline).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::proxy::{ConnInfo, Proxy};
+
+/// Bind a listening socket (SO_REUSEADDR, a deep backlog).
+pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    socket.listen(4096)?;
+    Ok(TcpListener::from_std(socket.into())?)
+}
+
+/// Serve clients on `listener` until `shutdown` flips, then drain.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    open: Arc<AtomicUsize>,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = connection_builder(&proxy);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, client) = match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let proxy = proxy.clone();
+                let conn_info = ConnInfo { client, scheme: "http" };
+                let idle = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.idle_ms);
+                let inflight = Arc::new(AtomicUsize::new(0));
+                let io = TokioIo::new(IdleTimeout::new(stream, idle, inflight.clone()));
+                let service = service_fn(move |req| {
+                    let proxy = proxy.clone();
+                    let guard = InFlight::new(inflight.clone());
+                    let fut: Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>> = Box::pin(async move {
+                        let resp = proxy.handle(req, conn_info).await;
+                        drop(guard);
+                        Ok(resp)
+                    });
+                    fut
+                });
+                let conn = builder.serve_connection_with_upgrades(io, service).into_owned();
+                let conn = graceful.watch(conn);
+                let open = open.clone();
+                open.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(client = %client, error = %e, "connection ended with an error");
+                    }
+                    open.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let drain = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.drain_ms);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ms = drain.as_millis() as u64,
+            "drain deadline passed; closing remaining connections"
+        );
+    }
+}
+
+fn connection_builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
+    let cfg = proxy.snapshot.load().config.clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(cfg.proxy.timeouts.header_read_ms))
+        .max_buf_size(cfg.proxy.limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
+}
+
+/// Counts a request in flight on its connection for as long as it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(n: Arc<AtomicUsize>) -> InFlight {
+        n.fetch_add(1, Ordering::Relaxed);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client stream that ends itself after `idle` with no bytes moving and
+/// no request in flight: keep-alive connections do not live forever.
+struct IdleTimeout {
+    inner: TcpStream,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    last: tokio::time::Instant,
+    inflight: Arc<AtomicUsize>,
+}
+
+impl IdleTimeout {
+    fn new(inner: TcpStream, idle: Duration, inflight: Arc<AtomicUsize>) -> IdleTimeout {
+        let last = tokio::time::Instant::now();
+        IdleTimeout {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            last,
+            inflight,
+        }
+    }
+
+    /// Bytes moved: cheap, the timer is only re-armed when it fires.
+    fn touch(&mut self) {
+        self.last = tokio::time::Instant::now();
+    }
+
+    /// Has the timer fired with the connection really idle? Re-arms it
+    /// otherwise.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let due = self.last + self.idle;
+            if due <= tokio::time::Instant::now() && self.inflight.load(Ordering::Relaxed) == 0 {
+                return true;
+            }
+            let next = due.max(tokio::time::Instant::now() + Duration::from_millis(100));
+            self.timer.as_mut().reset(next);
+        }
+        false
+    }
+}
+
+impl AsyncRead for IdleTimeout {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.touch();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                if self.expired(cx) {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "idle timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for IdleTimeout {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
