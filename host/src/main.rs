@@ -40,6 +40,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Work with one filter component, without a proxy.
+    Filter {
+        #[command(subcommand)]
+        command: FilterCommand,
+    },
     /// Run the demo: two local backends on 9001/9002 and the proxy on 8080
     /// with the example filters.
     Demo {
@@ -47,6 +52,84 @@ enum Command {
         #[arg(long, default_value = "target/filters")]
         filters: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum FilterCommand {
+    /// Run a filter against a sample request (and response) and print the
+    /// action and the edited heads.
+    Test {
+        /// The filter component (`.wasm`).
+        wasm: PathBuf,
+        #[command(flatten)]
+        sample: SampleArgs,
+    },
+    /// Measure the cost of a request-phase call, warm and fresh instance.
+    Bench {
+        /// The filter component (`.wasm`).
+        wasm: PathBuf,
+        /// Calls to time on a warm instance.
+        #[arg(long, default_value_t = 20000)]
+        calls: u64,
+        #[command(flatten)]
+        sample: SampleArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct SampleArgs {
+    /// The filter's config: a TOML file holding its `[filters.config.<name>]` table.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The request line, e.g. 'GET /path?x=1'.
+    #[arg(long, default_value = "GET /")]
+    request: String,
+    /// A request header, 'name: value' (repeatable).
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    /// Run the response phase with a response of this status.
+    #[arg(long)]
+    response: Option<u16>,
+    /// A response header, 'name: value' (repeatable).
+    #[arg(long = "response-header")]
+    response_headers: Vec<String>,
+}
+
+impl SampleArgs {
+    fn sample(&self) -> sluicegate::filter::tool::Sample {
+        sluicegate::filter::tool::Sample {
+            request: self.request.clone(),
+            headers: self.headers.clone(),
+            response_status: self.response,
+            response_headers: self.response_headers.clone(),
+        }
+    }
+}
+
+fn filter_command(cmd: FilterCommand) -> anyhow::Result<()> {
+    use sluicegate::config::Isolation;
+    use sluicegate::filter::tool;
+    match cmd {
+        FilterCommand::Test { wasm, sample } => {
+            let v = tool::load(&wasm, sample.config.as_deref(), Isolation::Pool)?;
+            tool::test(&v, &sample.sample())
+        }
+        FilterCommand::Bench {
+            wasm,
+            calls,
+            sample,
+        } => {
+            let warm = tool::load(&wasm, sample.config.as_deref(), Isolation::Pool)?;
+            let w = tool::bench(&warm, &sample.sample(), calls)?;
+            let fresh = tool::load(&wasm, sample.config.as_deref(), Isolation::Request)?;
+            let f = tool::bench(&fresh, &sample.sample(), (calls / 20).max(100))?;
+            println!(
+                "{}: warm instance {w:.2} us/call, fresh instance {f:.2} us/call",
+                wasm.display()
+            );
+            Ok(())
+        }
+    }
 }
 
 fn init_logs(format: LogFormat) {
@@ -85,6 +168,7 @@ fn main() -> ExitCode {
                     rt.block_on(sluicegate::app::serve(c, Some(config)))
                 })
         }
+        Command::Filter { command } => filter_command(command),
         Command::Demo { filters } => sluicegate::demo::demo_config(&filters).and_then(|c| {
             let rt = sluicegate::app::runtime(&c)?;
             rt.block_on(async {

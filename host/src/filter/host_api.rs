@@ -16,8 +16,9 @@ use super::kv::KvStore;
 
 /// Longest header value a filter may set, bytes.
 pub const MAX_HEADER_VALUE: usize = 16 * 1024;
-/// Most header fields a head may carry after a filter edits it.
-pub const MAX_HEADER_FIELDS: usize = 256;
+/// Most header fields a head may carry after a filter adds to it (common
+/// upstream servers refuse more than 100; the proxy adds a few itself).
+pub const MAX_HEADER_FIELDS: usize = 90;
 /// Most distinct counter names one filter may create.
 const MAX_COUNTERS: usize = 128;
 /// Longest log line kept from a filter.
