@@ -135,8 +135,10 @@ pub fn warn_missing_filters(config: &Config, rt: &FilterRuntime) {
     let set = rt.current();
     for (i, route) in config.routes.iter().enumerate() {
         for f in &route.filters {
-            if set.get(f.get_ref()).is_none() {
-                tracing::warn!(route = i, filter = %f.get_ref(), "route uses a filter that is not loaded; its on_error policy applies");
+            if !set.has_file(f.get_ref()) {
+                tracing::warn!(route = i, filter = %f.get_ref(), "route names a filter with no file in the filter directory: it is skipped until one appears");
+            } else if set.get(f.get_ref()).is_none() {
+                tracing::warn!(route = i, filter = %f.get_ref(), "route uses a filter that failed to load; its on_error policy applies");
             }
         }
     }

@@ -2,61 +2,92 @@
 //! are watched (debounced), and SIGHUP re-reads the config. Work happens off
 //! the async runtime; the result swaps in whole, or the running state stays.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::RecursiveMode;
-use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::proxy::{Proxy, Snapshot};
 
-/// How long file events settle before a reload.
-pub const DEBOUNCE: Duration = Duration::from_millis(30);
+/// How long file events must stay quiet before a reload: editors and
+/// `kubectl` touch several files in a burst.
+pub const DEBOUNCE: Duration = Duration::from_millis(10);
 
-/// Keeps the watchers alive; dropping it stops watching.
-pub type Watcher = Debouncer<notify::RecommendedWatcher, RecommendedCache>;
+/// Keeps the watcher alive; dropping it stops watching.
+pub type Watcher = notify::RecommendedWatcher;
 
-/// Watch the filter directory and the config file's directory.
+/// What changed, as far as a reload is concerned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Change {
+    Filters,
+    Config,
+}
+
+/// Watch the filter directory and the config file's directory; reload
+/// after each burst of events has been quiet for [`DEBOUNCE`].
 pub fn watch(proxy: Arc<Proxy>, config_file: Option<PathBuf>) -> Option<Watcher> {
-    let handle = tokio::runtime::Handle::current();
     let snap = proxy.snapshot.load_full();
     let filter_dir = snap.config.filters.dir.clone();
-    let config_file = config_file.and_then(|p| std::fs::canonicalize(&p).ok().or(Some(p)));
-    let (fd, cf) = (filter_dir.clone(), config_file.clone());
-    let p = proxy.clone();
-    let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
-        let Ok(events) = result else { return };
-        let touches = |dir: &Path| {
-            events
-                .iter()
-                .any(|e| e.paths.iter().any(|p| p.starts_with(dir)))
-        };
-        let config_changed = cf
-            .as_ref()
-            .is_some_and(|f| events.iter().any(|e| e.paths.iter().any(|p| p == f)));
-        if config_changed {
-            if let Some(path) = cf.clone() {
-                handle.spawn(reload_config(p.clone(), path));
+    let config_file = config_file.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+    let filter_dir_abs = filter_dir
+        .as_ref()
+        .map(|d| std::fs::canonicalize(d).unwrap_or(d.clone()));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (fd, cf) = (filter_dir_abs.clone(), config_file.clone());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        for path in &event.paths {
+            if cf.as_deref() == Some(path.as_path()) {
+                let _ = tx.send(Change::Config);
+            } else if fd.as_deref().is_some_and(|d| path.starts_with(d)) {
+                let _ = tx.send(Change::Filters);
             }
-        } else if fd.as_deref().is_some_and(touches) {
-            handle.spawn(reload_filters(p.clone()));
         }
     })
     .map_err(|e| tracing::error!(error = %e, "cannot watch files; reload with SIGHUP"))
     .ok()?;
-    if let Some(dir) = &filter_dir {
-        if let Err(e) = debouncer.watch(dir, RecursiveMode::NonRecursive) {
+    if let Some(dir) = &filter_dir_abs {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
             tracing::error!(dir = %dir.display(), error = %e, "cannot watch the filter directory");
         }
     }
     if let Some(dir) = config_file.as_ref().and_then(|f| f.parent()) {
-        if let Err(e) = debouncer.watch(dir, RecursiveMode::NonRecursive) {
-            tracing::error!(dir = %dir.display(), error = %e, "cannot watch the config directory");
+        if filter_dir_abs.as_deref() != Some(dir) {
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot watch the config directory");
+            }
         }
     }
-    Some(debouncer)
+    tokio::spawn(debounced(proxy, rx, config_file));
+    Some(watcher)
+}
+
+/// Collect a burst of changes, then apply them once.
+async fn debounced(
+    proxy: Arc<Proxy>,
+    mut rx: mpsc::UnboundedReceiver<Change>,
+    config_file: Option<PathBuf>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut config = first == Change::Config;
+        loop {
+            match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                Ok(Some(c)) => config |= c == Change::Config,
+                Ok(None) => return,
+                Err(_) => break,
+            }
+        }
+        match (&config_file, config) {
+            (Some(path), true) => reload_config(proxy.clone(), path.clone()).await,
+            _ => reload_filters(proxy.clone()).await,
+        }
+    }
 }
 
 /// Reload every filter against the live config.

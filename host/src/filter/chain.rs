@@ -46,10 +46,14 @@ pub enum RequestDecision {
 }
 
 impl Chain {
-    /// Resolve `names` against `set`.
+    /// Resolve `names` against `set`. A filter with no file in the filter
+    /// directory is left out (deleting a file removes the filter from every
+    /// chain); one whose file is there but failed to load stays in, and its
+    /// failure policy applies.
     pub fn resolve(set: &FilterSet, names: &[Arc<str>], config: &FiltersConfig) -> Chain {
         let steps = names
             .iter()
+            .filter(|name| set.has_file(name))
             .map(|name| {
                 let version = set.get(name).cloned();
                 let on_error = version

@@ -102,16 +102,21 @@ impl FilterEngine {
                 }
             }
         }
-        let bytes = self
-            .engine
-            .precompile_component(wasm)
-            .map_err(anyhow::Error::from)?;
-        if let Err(e) = write_atomically(dir, &artifact, &bytes) {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot cache compiled filter");
-            let component = Component::new(&self.engine, wasm).map_err(anyhow::Error::from)?;
-            return Ok((component, hash));
+        // Compile in memory (a reload waits on this), then cache the artifact
+        // for the next start on another thread.
+        let component = Component::new(&self.engine, wasm).map_err(anyhow::Error::from)?;
+        match component.serialize() {
+            Ok(bytes) => {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = write_atomically(&dir, &artifact, &bytes) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot cache compiled filter");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot serialize compiled filter"),
         }
-        Ok((load_artifact(&self.engine, &artifact)?, hash))
+        Ok((component, hash))
     }
 }
 

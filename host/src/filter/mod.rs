@@ -75,6 +75,11 @@ impl FilterSet {
         self.active.get(name)
     }
 
+    /// Is there a file for `name` in the filter directory (loaded or not)?
+    pub fn has_file(&self, name: &str) -> bool {
+        self.files.contains_key(name)
+    }
+
     /// Status of every filter, for the admin API.
     pub fn status(&self) -> Vec<FilterStatus> {
         let mut names: Vec<&String> = self.files.keys().chain(self.failed.keys()).collect();

@@ -1,0 +1,14 @@
+//! End-to-end tests of the real `sluicegate` binary.
+//!
+//! Run with `cargo test --release -p sluicegate --test e2e`. Each test starts
+//! its own proxy process and in-process backends on 127.0.0.1 and tears
+//! them down when it ends; see `common` for the helpers.
+
+mod common;
+
+mod config;
+mod filters;
+mod proxy;
+mod proxy_errors;
+mod proxy_streams;
+mod reload;
