@@ -28,21 +28,24 @@ fn metrics_handle() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHan
         .context("installing the metrics recorder")
 }
 
-/// Build the tokio runtime the config asks for.
-pub fn runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.proxy.workers {
-        builder.worker_threads(n);
-    }
-    builder
+/// The runtime of the main thread: signals, admin API, reloads. Request
+/// traffic runs on the worker threads (see [`serve`]).
+pub fn runtime(_config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("sluicegate-worker")
+        .thread_name("sluicegate-main")
         .build()
         .context("starting the runtime")
 }
 
 /// Serve `config` until SIGTERM/SIGINT, then drain. `source` is the file to
 /// re-read on SIGHUP or when it changes (none for an embedded config).
+///
+/// Threading: `[proxy] workers` threads (default: one per core), each with
+/// its own single-threaded runtime, its own `SO_REUSEPORT` listener per
+/// address and its own upstream connection pool — the kernel spreads
+/// connections over them and nothing on the request path is shared but
+/// the atomically swapped snapshot and the filter runtime.
 pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     let metrics = metrics_handle()?;
     let filters = match &config.filters.dir {
@@ -61,47 +64,106 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
         }
         None => None,
     };
-    let proxy = Arc::new(Proxy {
-        client: UpstreamClient::new(&config),
-        snapshot: ArcSwap::from_pointee(Snapshot::new(config.clone())?),
-        filters,
-    });
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(config.clone())?));
+    let make_proxy = || {
+        Arc::new(Proxy {
+            client: UpstreamClient::new(&config),
+            snapshot: snapshot.clone(),
+            filters: filters.clone(),
+        })
+    };
 
+    let workers = config.proxy.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let addrs = config.listen_addrs();
+    // Bind everything before serving, so a taken port fails the start.
+    let mut bound = Vec::new();
+    for _ in 0..workers {
+        let listeners = addrs
+            .iter()
+            .map(|a| server::bind_std(*a))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        bound.push(listeners);
+    }
+    for addr in &addrs {
+        tracing::info!(%addr, workers, "listening");
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let open = Arc::new(AtomicUsize::new(0));
-    let mut servers = Vec::new();
-    for addr in config.listen_addrs() {
-        let listener = server::bind(addr)?;
-        tracing::info!(%addr, "listening");
-        servers.push(tokio::spawn(server::serve(
-            proxy.clone(),
-            listener,
-            stop_rx.clone(),
-            open.clone(),
-        )));
+    let mut threads = Vec::new();
+    for (i, listeners) in bound.into_iter().enumerate() {
+        let proxy = make_proxy();
+        let stop = stop_rx.clone();
+        let open = open.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("sluicegate-worker-{i}"))
+            .spawn(move || worker(proxy, listeners, stop, open))
+            .context("starting a worker thread")?;
+        threads.push(thread);
     }
+
+    let main_proxy = make_proxy();
     let admin_state = Arc::new(AdminState {
-        proxy: proxy.clone(),
+        proxy: main_proxy.clone(),
         metrics,
         ready: AtomicBool::new(true),
         open_connections: open,
     });
     if let Some(addr) = config.admin_addr() {
-        let listener = server::bind(addr)?;
+        let listener = tokio::net::TcpListener::from_std(server::bind_std(addr)?)?;
         tracing::info!(%addr, "admin listening");
         tokio::spawn(admin::serve(admin_state.clone(), listener));
     }
-    let _watcher = reload::watch(proxy.clone(), source.clone());
+    let _watcher = reload::watch(main_proxy.clone(), source.clone());
 
-    wait_for_stop(&proxy, source).await;
+    wait_for_stop(&main_proxy, source).await;
     admin_state.ready.store(false, Ordering::Relaxed);
     tracing::info!("shutting down: draining in-flight requests");
     let _ = stop_tx.send(true);
-    for s in servers {
-        let _ = s.await;
+    for t in threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One worker thread: a single-threaded runtime serving its listeners.
+fn worker(
+    proxy: Arc<Proxy>,
+    listeners: Vec<std::net::TcpListener>,
+    stop: watch::Receiver<bool>,
+    open: Arc<AtomicUsize>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a worker runtime");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let mut tasks = Vec::new();
+        for l in listeners {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => tasks.push(tokio::spawn(server::serve(
+                    proxy.clone(),
+                    l,
+                    stop.clone(),
+                    open.clone(),
+                ))),
+                Err(e) => tracing::error!(error = %e, "cannot register a listener"),
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
 }
 
 /// Block until SIGTERM or SIGINT; reload on SIGHUP meanwhile.

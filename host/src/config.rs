@@ -31,7 +31,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A semantic error found by validation.
-    #[error("{file}:{line}: {key}: {reason}")]
+    #[error("{file}: line {line}: {key}: {reason}")]
     Invalid {
         /// The config file.
         file: PathBuf,
@@ -510,7 +510,7 @@ upstream = "app"
         let e = Config::parse(&text, Path::new("x.toml"))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("x.toml:12: route[0].upstream:"), "{e}");
+        assert!(e.starts_with("x.toml: line 11: route[0].upstream:"), "{e}");
         assert!(e.contains("\"nope\""), "{e}");
     }
 

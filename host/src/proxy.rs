@@ -40,6 +40,25 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// Upstreams by name.
     pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    /// Metric handles per route index; the last one counts unrouted requests.
+    route_metrics: Vec<RouteMetrics>,
+}
+
+/// Metric handles of one route, registered once per snapshot so a request
+/// only touches atomics.
+struct RouteMetrics {
+    by_class: [metrics::Counter; 5],
+    latency: metrics::Histogram,
+}
+
+impl RouteMetrics {
+    fn new(label: &str) -> RouteMetrics {
+        let c = |class: &'static str| metrics::counter!("sluicegate_requests_total", "route" => label.to_string(), "status" => class);
+        RouteMetrics {
+            by_class: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+            latency: metrics::histogram!("sluicegate_request_seconds", "route" => label.to_string()),
+        }
+    }
 }
 
 impl Snapshot {
@@ -55,9 +74,17 @@ impl Snapshot {
                 ))
             })
             .collect::<anyhow::Result<_>>()?;
+        let routes = RouteTable::new(&config);
+        let mut labels = vec![String::new(); config.routes.len()];
+        for r in routes.iter() {
+            labels[r.index] = r.label.to_string();
+        }
+        labels.push("none".to_string());
+        let route_metrics = labels.iter().map(|l| RouteMetrics::new(l)).collect();
         Ok(Snapshot {
-            routes: RouteTable::new(&config),
+            routes,
             upstreams,
+            route_metrics,
             config: Arc::new(config),
         })
     }
@@ -72,11 +99,12 @@ pub struct ConnInfo {
     pub scheme: &'static str,
 }
 
-/// The proxy: live snapshot, upstream client, filter runtime.
+/// The proxy as one worker thread sees it: the shared live snapshot and
+/// filter runtime, and the worker's own upstream connection pool.
 pub struct Proxy {
-    /// The live configuration snapshot.
-    pub snapshot: ArcSwap<Snapshot>,
-    /// The pooled upstream client.
+    /// The live configuration snapshot, shared by every worker.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// This worker's pooled upstream client.
     pub client: UpstreamClient,
     /// The filter runtime (present when `[filters] dir` is set).
     pub filters: Option<Arc<FilterRuntime>>,
@@ -91,21 +119,16 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let snap = self.snapshot.load_full();
-        let method = req.method().clone();
         let (resp, route) = self.journey(&snap, req, conn).await;
         let status = resp.status().as_u16();
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        metrics::counter!("sluicegate_requests_total", "route" => route.clone(), "status" => class)
-            .increment(1);
-        metrics::histogram!("sluicegate_request_seconds", "route" => route)
-            .record(started.elapsed().as_secs_f64());
-        tracing::debug!(%method, status, "request done");
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        let m = route
+            .and_then(|i| snap.route_metrics.get(i))
+            .or(snap.route_metrics.last());
+        if let Some(m) = m {
+            m.by_class[class].increment(1);
+            m.latency.record(started.elapsed().as_secs_f64());
+        }
         resp
     }
 
@@ -114,7 +137,7 @@ impl Proxy {
         snap: &Snapshot,
         mut req: Request<Incoming>,
         conn: ConnInfo,
-    ) -> (Response<ProxyBody>, String) {
+    ) -> (Response<ProxyBody>, Option<usize>) {
         let host = request_host(&req);
         let Some(route) = snap.routes.find(host.as_deref(), req.uri().path()) else {
             tracing::info!(
@@ -124,10 +147,10 @@ impl Proxy {
             );
             return (
                 body::text_response(StatusCode::NOT_FOUND, "no route for this host and path"),
-                "none".into(),
+                None,
             );
         };
-        let label = route.label.to_string();
+        let label = Some(route.index);
         let upgrade = headers::upgrade_request(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
@@ -177,8 +200,14 @@ impl Proxy {
                 label,
             );
         };
+        // The head goes upstream; a copy is kept only if response filters
+        // will want to read it.
+        let parts = match chain {
+            Some(_) => head.parts.clone(),
+            None => std::mem::replace(&mut head.parts, http::Request::new(()).into_parts().0),
+        };
         let resp = self
-            .forward(snap, upstream, &head, req_body, upgrade.clone())
+            .forward(snap, upstream, parts, &head, req_body, upgrade.clone())
             .await;
         let resp = match (resp, client_upgrade) {
             (Ok(mut resp), Some(on_client)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -207,11 +236,11 @@ impl Proxy {
         &self,
         snap: &Snapshot,
         upstream: &Upstream,
+        mut parts: http::request::Parts,
         head: &RequestHead,
         body: ProxyBody,
         upgrade: Option<HeaderValue>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let mut parts = head.parts.clone();
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri

@@ -22,20 +22,22 @@ use tokio::sync::watch;
 
 use crate::proxy::{ConnInfo, Proxy};
 
-/// Bind a listening socket (SO_REUSEADDR, a deep backlog).
-pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+/// Bind a listening socket (SO_REUSEADDR and SO_REUSEPORT, so each worker
+/// has its own; a deep backlog), ready for a tokio runtime to adopt.
+pub fn bind_std(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         None,
     )?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket
         .bind(&addr.into())
         .with_context(|| format!("cannot listen on {addr}"))?;
     socket.listen(4096)?;
-    Ok(TcpListener::from_std(socket.into())?)
+    Ok(socket.into())
 }
 
 /// Serve clients on `listener` until `shutdown` flips, then drain.

@@ -89,12 +89,21 @@ impl UpstreamClient {
         };
         let (parts, body) = req.into_parts();
         let mut body = Some(body);
+        let mut parts = Some(parts);
         let mut last = None;
         for attempt in 0..attempts {
             let endpoint = upstream.pick(attempt);
-            let mut req =
-                Request::from_parts(parts.clone(), body.take().unwrap_or_else(body::empty));
-            *req.uri_mut() = endpoint_uri(&endpoint.authority, &parts.uri);
+            // Keep a copy of the head only while another attempt may follow.
+            let this = match (attempt + 1 < attempts, parts.as_ref()) {
+                (true, Some(p)) => p.clone(),
+                _ => match parts.take() {
+                    Some(p) => p,
+                    None => break,
+                },
+            };
+            let target = endpoint_uri(&endpoint.authority, &this.uri);
+            let mut req = Request::from_parts(this, body.take().unwrap_or_else(body::empty));
+            *req.uri_mut() = target;
             let result =
                 tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
             match result {
