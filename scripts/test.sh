@@ -14,7 +14,7 @@ echo "== building the host (release)"
 cargo build --release -p sluicegate
 
 echo "== guest SDK and filter unit tests (native)"
-cargo test --release --target-dir target/guest -p sluicegate-sdk -p auth -p rate-limit -p canary 2>&1 | tail -n 40
+cargo test --target-dir target/guest -p sluicegate-sdk -p add-header -p auth -p rate-limit -p canary -p security-headers
 
 echo "== host unit tests and end-to-end tests"
 cargo test --release -p sluicegate -- --test-threads "${SLUICEGATE_TEST_THREADS:-2}"

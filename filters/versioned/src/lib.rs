@@ -21,7 +21,9 @@ impl Filter for Versioned {
 
     fn init(_config: &str) -> Result<Self, String> {
         // SAFETY-free volatile read: copy the static byte by byte.
-        let bytes: Vec<u8> = (0..MARKER.len()).map(|i| std::hint::black_box(MARKER[i])).collect();
+        let bytes: Vec<u8> = (0..MARKER.len())
+            .map(|i| std::hint::black_box(MARKER[i]))
+            .collect();
         let digits = String::from_utf8_lossy(&bytes[10..]).into_owned();
         Ok(Versioned { version: digits })
     }
