@@ -48,6 +48,16 @@ pub fn runtime(_config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
 /// the atomically swapped snapshot and the filter runtime.
 pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     let metrics = metrics_handle()?;
+    // Histograms keep raw samples until drained: drain them on a timer so
+    // memory stays flat even if nobody scrapes /metrics.
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     let filters = match &config.filters.dir {
         Some(_) => {
             let fc = config.filters.clone();
