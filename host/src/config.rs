@@ -180,6 +180,8 @@ pub struct FiltersConfig {
     pub defaults: FilterPolicyConfig,
     /// Largest body buffered for a filter's body phase, bytes.
     pub max_body_bytes: usize,
+    /// A filter that takes longer than this to compile is refused.
+    pub compile_timeout_ms: u64,
     /// `[filters.config.<name>]`: handed to that filter's init as JSON.
     pub config: BTreeMap<String, toml::Table>,
     /// `[filters.policy.<name>]`: per-filter overrides of the defaults.
@@ -193,6 +195,7 @@ impl Default for FiltersConfig {
             cache_dir: None,
             defaults: FilterPolicyConfig::default(),
             max_body_bytes: 1024 * 1024,
+            compile_timeout_ms: 30_000,
             config: BTreeMap::new(),
             policy: BTreeMap::new(),
         }

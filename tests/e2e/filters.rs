@@ -486,7 +486,7 @@ async fn hostile_filters_are_contained_and_other_routes_keep_serving() {
         .route_with_filters(None, "/trap-closed", "app", &["hostile-trap"])
         .route_with_filters(None, "/trap-open", "app", &["hostile-trap-open"])
         .route_with_filters(None, "/huge", "app", &["hostile-huge-header"]);
-    let toml = "timeout_ms = 20\nmemory_mb = 16\n[filters.policy.hostile-trap-open]\non_error = \"fail_open\"\n";
+    let toml = "timeout_ms = 20\nmemory_mb = 16\n[filters.policy.hostile-trap-open]\non_error = \"fail_open\"\n[filters.policy.hostile-memory]\ntimeout_ms = 2000\n";
     let mut b = Proxy::builder(
         &cfg.admin()
             .extra(&format!("[filters]\ndir = \"@DIR@/filters\"\n{toml}"))
@@ -653,4 +653,46 @@ async fn garbage_in_the_filter_dir_is_rejected_with_the_file_named() {
     p.wait_output("junk.wasm", 10).await;
     assert_eq!(get(&p, "/", &[]).await.status, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+#[tokio::test]
+async fn a_component_of_another_world_or_too_slow_to_compile_is_refused() {
+    let app = Backend::echo("app").await;
+    let cfg = Cfg::new()
+        .upstream("app", &[app.addr()])
+        .route_with_filters(None, "/empty", "app", &["empty"])
+        .route_with_filters(None, "/slow", "app", &["slow"])
+        .route(None, "/ok", "app");
+    let toml = cfg
+        .admin()
+        .extra(
+            "[filters]\ndir = \"@DIR@/filters\"\n[filters.policy.slow]\non_error = \"fail_open\"\n",
+        )
+        .toml();
+    // A valid but empty component: it exports nothing of the filter world.
+    let empty = b"\0asm\x0d\x00\x01\x00".to_vec();
+    let p = Proxy::builder(&toml)
+        .file("filters/empty.wasm", empty)
+        .start();
+    let log = p.wait_output("filter \"empty\"", 10).await;
+    assert!(log.contains("empty.wasm"), "{log}");
+    assert_eq!(
+        get(&p, "/empty", &[]).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(get(&p, "/ok", &[]).await.status, StatusCode::OK);
+    drop(p);
+
+    let toml = Cfg::new()
+        .upstream("app", &[app.addr()])
+        .route_with_filters(None, "/", "app", &["add-header"])
+        .admin()
+        .extra("[filters]\ndir = \"@DIR@/filters\"\ncompile_timeout_ms = 0\ncache_dir = \"@DIR@/cache\"\n")
+        .toml();
+    let p = Proxy::builder(&toml)
+        .file("filters/add-header.wasm", wasm("add-header"))
+        .start();
+    p.wait_output("compile_timeout_ms", 10).await;
+    let status: serde_json::Value = serde_json::from_str(&admin(&p, "/filters").await).unwrap();
+    assert_eq!(status["filters"][0]["state"], "failed", "{status}");
 }

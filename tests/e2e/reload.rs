@@ -290,3 +290,38 @@ async fn config_reload_adds_an_endpoint_and_a_route_without_dropping_connections
         .await;
     assert_eq!(r.backend(), "b", "the running config stays");
 }
+
+#[tokio::test]
+async fn a_kubernetes_configmap_symlink_swap_reloads_the_filter() {
+    use std::os::unix::fs::symlink;
+    let app = Backend::echo("app").await;
+    let toml = Cfg::new()
+        .admin()
+        .upstream("app", &[app.addr()])
+        .route_with_filters(None, "/", "app", &["versioned"])
+        .extra("[filters]\ndir = \"@DIR@/filters\"\n")
+        .toml();
+    let p = Proxy::builder(&toml)
+        .file("filters/README", b"configmap mount".to_vec())
+        .start();
+    let dir = p.dir().join("filters");
+    // The layout kubelet writes: a timestamped dir, `..data` pointing at it,
+    // and each key a symlink through `..data`.
+    std::fs::create_dir(dir.join("..2026_11_23_a")).unwrap();
+    std::fs::write(dir.join("..2026_11_23_a/versioned.wasm"), versioned(1)).unwrap();
+    symlink("..2026_11_23_a", dir.join("..data")).unwrap();
+    symlink("..data/versioned.wasm", dir.join("versioned.wasm")).unwrap();
+    until(&p, "version 1", |r| {
+        r.header("x-version").as_deref() == Some("0000000001")
+    })
+    .await;
+    // An update: a new timestamped dir, then `..data` swapped by rename.
+    std::fs::create_dir(dir.join("..2026_11_23_b")).unwrap();
+    std::fs::write(dir.join("..2026_11_23_b/versioned.wasm"), versioned(2)).unwrap();
+    symlink("..2026_11_23_b", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    until(&p, "version 2", |r| {
+        r.header("x-version").as_deref() == Some("0000000002")
+    })
+    .await;
+}

@@ -213,15 +213,15 @@ impl FilterRuntime {
             .map_err(|e| (String::new(), anyhow::Error::from(e).context("cannot read")))?;
         let policy = config.policy_for(name);
         let init = config.init_json(name);
-        let (component, hash) = self.engine.compile(&bytes).map_err(|e| {
-            let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-            (hash, e.context("not a valid filter component"))
-        })?;
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         if let Some(old) = previous {
             if old.hash == hash && old.policy == policy && old.init_config() == init {
                 return Ok(old.clone());
             }
         }
+        let timeout = std::time::Duration::from_millis(config.compile_timeout_ms);
+        let component = compile_with_timeout(&self.engine, bytes, timeout)
+            .map_err(|e| (hash.clone(), e.context("not a valid filter component")))?;
         let ctx = Arc::new(FilterContext::new(Arc::from(name), self.kv.namespace(name)));
         let version = FilterVersion::new(
             &self.engine,
@@ -235,6 +235,29 @@ impl FilterRuntime {
         .map_err(|e| (hash.clone(), e))?;
         tracing::info!(filter = name, hash = &hash[..12], caps = ?version.caps, "filter loaded");
         Ok(Arc::new(version))
+    }
+}
+
+/// Compile on a helper thread, giving up after `timeout` (the thread is
+/// left to finish and its result dropped).
+fn compile_with_timeout(
+    engine: &FilterEngine,
+    bytes: Vec<u8>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<wasmtime::component::Component> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let engine = engine.clone();
+    std::thread::Builder::new()
+        .name("sluicegate-compile".into())
+        .spawn(move || {
+            let _ = tx.send(engine.compile(&bytes).map(|(c, _)| c));
+        })?;
+    match rx.recv_timeout(timeout) {
+        Ok(result) => result,
+        Err(_) => anyhow::bail!(
+            "compiling took longer than compile_timeout_ms ({} ms)",
+            timeout.as_millis()
+        ),
     }
 }
 
