@@ -13,8 +13,16 @@ bash scripts/build-filters.sh
 echo "== building the host (release)"
 cargo build --release -p sluicegate
 
-echo "== guest SDK and filter unit tests (native)"
-cargo test --target-dir target/guest -p sluicegate-sdk -p add-header -p auth -p rate-limit -p canary -p security-headers
+LOG="$ROOT/target/test-output.log"
+mkdir -p "$ROOT/target"
+: > "$LOG"
 
-echo "== host unit tests and end-to-end tests"
-cargo test --release -p sluicegate -- --test-threads "${SLUICEGATE_TEST_THREADS:-2}"
+echo "== guest SDK and filter unit tests (native)"
+cargo test --target-dir target/guest -p sluicegate-sdk -p add-header -p auth -p rate-limit -p canary -p security-headers 2>&1 | tee -a "$LOG"
+
+echo "== host unit tests and end-to-end tests (real binary, real sockets, real filters)"
+cargo test --release -p sluicegate --lib --tests -- --test-threads "${SLUICEGATE_TEST_THREADS:-2}" 2>&1 | tee -a "$LOG"
+
+# One closing line over every test binary above.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+     END { printf "summary: %d passed, %d failed\n", p, f; if (p == 0 || f > 0) exit 1 }' "$LOG"
