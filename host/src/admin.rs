@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
+use crate::balance::{self, Upstream};
 use crate::body::{self, ProxyBody};
 use crate::proxy::Proxy;
 
@@ -80,21 +81,44 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
         }
         "/upstreams" => {
             let snap = state.proxy.snapshot.load();
-            let mut ups: Vec<_> = snap
-                .upstreams
-                .values()
-                .map(|u| {
-                    serde_json::json!({
-                        "name": &*u.name,
-                        "endpoints": u.endpoints.iter().map(|e| &*e.addr).collect::<Vec<_>>(),
-                    })
-                })
-                .collect();
+            let mut ups: Vec<_> = snap.upstreams.values().map(|u| upstream_json(u)).collect();
             ups.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
             json(&serde_json::json!({ "upstreams": ups }))
         }
         _ => body::text_response(StatusCode::NOT_FOUND, "unknown admin endpoint"),
     }
+}
+
+/// One upstream and the live state of each endpoint.
+fn upstream_json(u: &Upstream) -> serde_json::Value {
+    let now = balance::now_ns();
+    let endpoints: Vec<_> = u
+        .endpoints
+        .as_slice()
+        .iter()
+        .map(|e| {
+            let st = &e.state;
+            let (requests, failures, ejections) = st.counters();
+            serde_json::json!({
+                "addr": &*e.addr,
+                "weight": e.weight,
+                "healthy": st.healthy(now),
+                "ejected": st.ejected(now),
+                "active_healthy": st.active_healthy(),
+                "in_flight": st.in_flight(),
+                "ewma_ms": st.ewma_ns() / 1e6,
+                "requests": requests,
+                "failures": failures,
+                "ejections": ejections,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "name": &*u.name,
+        "balance": u.balance,
+        "retries": u.retries,
+        "endpoints": endpoints,
+    })
 }
 
 fn json(value: &serde_json::Value) -> Response<ProxyBody> {

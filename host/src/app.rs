@@ -74,7 +74,7 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
         }
         None => None,
     };
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(config.clone())?));
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(config.clone(), None)?));
     let make_proxy = || {
         Arc::new(Proxy {
             client: UpstreamClient::new(&config),
@@ -127,6 +127,8 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
         tracing::info!(%addr, "admin listening");
         tokio::spawn(admin::serve(admin_state.clone(), listener));
     }
+    // Active health checks follow the live snapshot across reloads.
+    tokio::spawn(crate::balance::health::run(snapshot.clone()));
     let _watcher = reload::watch(main_proxy.clone(), source.clone());
 
     wait_for_stop(&main_proxy, source).await;

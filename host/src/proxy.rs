@@ -22,7 +22,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::balance::Upstream;
+use crate::balance::{self, Upstream};
 use crate::body::{self, ProxyBody};
 use crate::config::Config;
 use crate::filter::chain::{Chain, RequestDecision};
@@ -62,15 +62,19 @@ impl RouteMetrics {
 }
 
 impl Snapshot {
-    /// Build the runtime view of a validated config.
-    pub fn new(config: Config) -> anyhow::Result<Snapshot> {
+    /// Build the runtime view of a validated config. Endpoints that
+    /// `previous` (the running snapshot, on a reload) also has keep their
+    /// live balancing state: in-flight counts, latency, ejections.
+    pub fn new(config: Config, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
         let upstreams = config
             .upstreams
             .iter()
             .map(|u| {
+                let name = u.name.get_ref().as_str();
+                let old = previous.and_then(|p| p.upstreams.get(name));
                 Ok((
-                    Arc::from(u.name.get_ref().as_str()),
-                    Arc::new(Upstream::new(u)?),
+                    Arc::from(name),
+                    Arc::new(Upstream::new(u, old.map(|o| &**o))?),
                 ))
             })
             .collect::<anyhow::Result<_>>()?;
@@ -221,7 +225,7 @@ impl Proxy {
                 let (mut parts, b) = resp.into_parts();
                 headers::remove_hop_by_hop(&mut parts.headers);
                 headers::add_via(&mut parts.headers, parts.version, &snap.config.proxy.via);
-                Response::from_parts(parts, body::boxed(b))
+                Response::from_parts(parts, b)
             }
             (Err(e), _) => error_response(&upstream.name, &e),
         };
@@ -240,7 +244,10 @@ impl Proxy {
         head: &RequestHead,
         body: ProxyBody,
         upgrade: Option<HeaderValue>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<ProxyBody>, ForwardError> {
+        let key = upstream.hash_key.as_ref().and_then(|k| {
+            balance::request_key(k, &parts.headers, parts.uri.path(), head.client.ip())
+        });
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri
@@ -265,7 +272,7 @@ impl Proxy {
         }
         parts.version = Version::HTTP_11;
         self.client
-            .forward(upstream, Request::from_parts(parts, body))
+            .forward(upstream, Request::from_parts(parts, body), key)
             .await
     }
 

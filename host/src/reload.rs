@@ -132,7 +132,7 @@ pub async fn reload_config(proxy: Arc<Proxy>, path: PathBuf) {
     if config.filters.dir.is_some() && proxy.filters.is_none() {
         tracing::warn!("[filters] was added to the config; enabling filters needs a restart");
     }
-    match Snapshot::new(config) {
+    match Snapshot::new(config, Some(&old)) {
         Ok(snap) => proxy.snapshot.store(Arc::new(snap)),
         Err(e) => {
             tracing::error!("config reload rejected: {e:#}");

@@ -1,17 +1,21 @@
 //! The pooled upstream client: sends a request to an endpoint of an
-//! upstream, retrying on another endpoint when a connection cannot be made.
+//! upstream chosen by its balancer, retrying on other endpoints when that
+//! is safe, and reports each attempt's outcome to the balancer.
 
-use std::time::Duration;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use http::{Request, Response, Uri};
+use bytes::Bytes;
+use http::{Method, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::balance::Upstream;
+use crate::balance::{InFlight, Upstream};
 use crate::body::{self, ProxyBody};
-use crate::config::Config;
+use crate::config::{Config, MAX_RETRIES};
 
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +53,6 @@ pub struct UpstreamClient {
     response_timeout: Duration,
 }
 
-/// Attempts per request when connects fail (each to another endpoint).
-const MAX_CONNECT_ATTEMPTS: usize = 3;
-
 impl UpstreamClient {
     /// A client configured from `[proxy]`.
     pub fn new(config: &Config) -> UpstreamClient {
@@ -73,28 +74,46 @@ impl UpstreamClient {
     }
 
     /// Send `req` (whose URI holds only the path and query) to an endpoint
-    /// of `upstream`. A request with an empty body is retried on another
-    /// endpoint when the connection fails; one with a body is not, since its
-    /// body may be gone.
+    /// of `upstream` chosen by its balancer (`key`: the consistent-hash key).
+    ///
+    /// Up to `retries` more attempts follow, each on an endpoint not tried
+    /// yet, but only for a request without a body (a body may have reached
+    /// the upstream and cannot be replayed): after a failed connect always,
+    /// and after a `502`/`503`/`504` or a broken connection only for
+    /// idempotent methods. A timeout is not retried.
     pub async fn forward(
         &self,
         upstream: &Upstream,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+        key: Option<u64>,
+    ) -> Result<Response<ProxyBody>, ForwardError> {
         let replayable = http_body::Body::is_end_stream(req.body());
-        let attempts = if replayable {
-            MAX_CONNECT_ATTEMPTS.min(upstream.endpoints.len())
-        } else {
-            1
-        };
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        );
+        let attempts = 1 + upstream.retries.min(MAX_RETRIES);
+        let mut tried = [0usize; MAX_RETRIES + 1];
         let (parts, body) = req.into_parts();
         let mut body = Some(body);
         let mut parts = Some(parts);
-        let mut last = None;
+        let mut last: Option<Result<Response<ProxyBody>, ForwardError>> = None;
         for attempt in 0..attempts {
-            let endpoint = upstream.pick(attempt);
+            let Some(i) = upstream.pick(key, &tried[..attempt]) else {
+                break;
+            };
+            tried[attempt] = i;
+            let (Some(endpoint), Some(guard)) = (upstream.endpoint(i), upstream.begin(i)) else {
+                break;
+            };
+            let may_retry = replayable && attempt + 1 < attempts;
             // Keep a copy of the head only while another attempt may follow.
-            let this = match (attempt + 1 < attempts, parts.as_ref()) {
+            let this = match (may_retry, parts.as_ref()) {
                 (true, Some(p)) => p.clone(),
                 _ => match parts.take() {
                     Some(p) => p,
@@ -104,35 +123,90 @@ impl UpstreamClient {
             let target = endpoint_uri(&endpoint.authority, &this.uri);
             let mut req = Request::from_parts(this, body.take().unwrap_or_else(body::empty));
             *req.uri_mut() = target;
+            let started = Instant::now();
             let result =
                 tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
-            match result {
-                Ok(Ok(resp)) => return Ok(resp),
+            let rtt = started.elapsed();
+            let failure = match result {
+                Ok(Ok(resp)) => {
+                    let status = resp.status();
+                    upstream.record(i, Some(status), rtt);
+                    let resp = resp.map(|b| {
+                        body::boxed(Tracked {
+                            inner: b,
+                            _guard: guard,
+                        })
+                    });
+                    let again = matches!(status.as_u16(), 502..=504) && idempotent && may_retry;
+                    if !again {
+                        return Ok(resp);
+                    }
+                    tracing::info!(upstream = %upstream.name, endpoint = %endpoint.addr, %status, "retrying on another endpoint");
+                    last = Some(Ok(resp));
+                    continue;
+                }
                 Ok(Err(e)) if e.is_connect() => {
                     tracing::warn!(upstream = %upstream.name, endpoint = %endpoint.addr, error = %error_chain(&e), "upstream connect failed");
-                    last = Some(ForwardError::Connect {
+                    let err = ForwardError::Connect {
                         endpoint: endpoint.addr.to_string(),
                         reason: error_chain(&e),
-                    });
+                    };
+                    (err, may_retry)
                 }
                 Ok(Err(e)) => {
-                    return Err(ForwardError::Broken {
+                    let err = ForwardError::Broken {
                         endpoint: endpoint.addr.to_string(),
                         reason: error_chain(&e),
-                    })
+                    };
+                    (err, may_retry && idempotent)
                 }
                 Err(_) => {
-                    return Err(ForwardError::Timeout {
+                    let err = ForwardError::Timeout {
                         endpoint: endpoint.addr.to_string(),
                         ms: self.response_timeout.as_millis() as u64,
-                    })
+                    };
+                    (err, false)
                 }
+            };
+            upstream.record(i, None, rtt);
+            let (err, again) = failure;
+            if !again {
+                return Err(err);
             }
+            tracing::info!(upstream = %upstream.name, error = %err, "retrying on another endpoint");
+            last = Some(Err(err));
         }
-        Err(last.unwrap_or(ForwardError::Connect {
+        last.unwrap_or(Err(ForwardError::Connect {
             endpoint: upstream.name.to_string(),
             reason: "no endpoint".into(),
         }))
+    }
+}
+
+/// An upstream response body that keeps its endpoint's in-flight count
+/// until it ends or is dropped.
+struct Tracked {
+    inner: Incoming,
+    _guard: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

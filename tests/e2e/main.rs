@@ -6,6 +6,7 @@
 
 mod common;
 
+mod balance;
 mod config;
 mod filters;
 mod proxy;

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod upstream;
+pub use upstream::*;
+
 /// A configuration error: which file, which line, which key, and why.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -134,16 +137,6 @@ impl Default for Limits {
             upstream_idle_per_host: 256,
         }
     }
-}
-
-/// `[[upstream]]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// The name routes and filters refer to.
-    pub name: Spanned<String>,
-    /// `host:port` of each server.
-    pub endpoints: Spanned<Vec<Spanned<String>>>,
 }
 
 /// `[[route]]`.
@@ -410,10 +403,19 @@ impl Validator<'_> {
                 );
             }
             for (j, ep) in up.endpoints.get_ref().iter().enumerate() {
-                if let Err(reason) = check_endpoint(ep.get_ref()) {
+                if let Err(reason) = check_endpoint(ep.get_ref().addr()) {
                     return self.error(ep.span(), format!("upstream[{i}].endpoints[{j}]"), reason);
                 }
+                if !(1..=1000).contains(&ep.get_ref().weight()) {
+                    let reason = "weight must be between 1 and 1000".to_string();
+                    return self.error(
+                        ep.span(),
+                        format!("upstream[{i}].endpoints[{j}].weight"),
+                        reason,
+                    );
+                }
             }
+            self.validate_balance(i, up)?;
         }
         for (i, route) in config.routes.iter().enumerate() {
             if !route.path_prefix.starts_with('/') {
@@ -524,6 +526,37 @@ upstream = "app"
             .unwrap_err()
             .to_string();
         assert!(e.contains("listen_typo"), "{e}");
+    }
+
+    #[test]
+    fn balancing_keys_are_validated_with_line_and_key() {
+        let text = GOOD.replace(
+            "endpoints = [\"127.0.0.1:9001\"]",
+            "endpoints = [\"127.0.0.1:9001\", { addr = \"127.0.0.1:9002\", weight = 4 }]\nbalance = \"consistent_hash\"\nhash_key = \"cookie:sid\"",
+        );
+        let c = Config::parse(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(c.upstreams[0].endpoints.get_ref()[1].get_ref().weight(), 4);
+        let bad = text.replace("weight = 4", "weight = 0");
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("x.toml: line 7: upstream[0].endpoints[1].weight:"),
+            "{e}"
+        );
+        let bad = text.replace("cookie:sid", "body");
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("x.toml: line 9: upstream[0].hash_key:"),
+            "{e}"
+        );
+        let bad = text.replace("balance = \"consistent_hash\"", "balance = \"fastest\"");
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fastest") && e.contains("line 8"), "{e}");
     }
 
     #[test]

@@ -228,22 +228,60 @@ impl FilterVersion {
         }
     }
 
+    /// Lend the request head to one call and always take it back.
+    fn with_request<R>(
+        &self,
+        phase: &'static str,
+        head: RequestHead,
+        f: impl FnOnce(&mut Store<HostState>, &Filter, Resource<RequestHead>) -> wasmtime::Result<R>,
+    ) -> (RequestHead, Result<R, FilterFailure>) {
+        let mut slot = Some(head);
+        let result = self.call(phase, |store, filter| {
+            let res = lend(store, &mut slot)?;
+            let out = f(store, filter, borrow(&res));
+            take_back(store, res, &mut slot)?;
+            out
+        });
+        finish(slot, result)
+    }
+
+    /// Lend both heads to one call and always take them back.
+    fn with_both<R>(
+        &self,
+        phase: &'static str,
+        req: RequestHead,
+        resp: ResponseHead,
+        f: impl FnOnce(
+            &mut Store<HostState>,
+            &Filter,
+            Resource<RequestHead>,
+            Resource<ResponseHead>,
+        ) -> wasmtime::Result<R>,
+    ) -> (RequestHead, ResponseHead, Result<R, FilterFailure>) {
+        let mut req_slot = Some(req);
+        let mut resp_slot = Some(resp);
+        let result = self.call(phase, |store, filter| {
+            let rq = lend(store, &mut req_slot)?;
+            let rs = lend(store, &mut resp_slot)?;
+            let out = f(store, filter, borrow(&rq), borrow(&rs));
+            take_back(store, rs, &mut resp_slot)?;
+            take_back(store, rq, &mut req_slot)?;
+            out
+        });
+        finish2(req_slot, resp_slot, result)
+    }
+
     /// The request phase. The head is lent to the guest and always handed
     /// back, whatever the outcome.
     pub fn on_request(
         &self,
         head: RequestHead,
     ) -> (RequestHead, Result<RequestAction, FilterFailure>) {
-        let mut slot = Some(head);
-        let result = self.call("request", |store, filter| {
-            let res = lend(store, &mut slot)?;
-            let out = filter
+        self.with_request("request", head, |store, filter, req| {
+            filter
                 .sluicegate_filter_handler()
-                .call_on_request(&mut *store, borrow(&res));
-            take_back(store, res, &mut slot)?;
-            out
-        });
-        finish(slot, result)
+                .call_on_request(store, req)
+        })
     }
 
     /// The request body phase.
@@ -252,18 +290,11 @@ impl FilterVersion {
         head: RequestHead,
         body: &[u8],
     ) -> (RequestHead, Result<BodyAction, FilterFailure>) {
-        let mut slot = Some(head);
-        let result = self.call("request_body", |store, filter| {
-            let res = lend(store, &mut slot)?;
-            let out = filter.sluicegate_filter_handler().call_on_request_body(
-                &mut *store,
-                borrow(&res),
-                body,
-            );
-            take_back(store, res, &mut slot)?;
-            out
-        });
-        finish(slot, result)
+        self.with_request("request_body", head, |store, filter, req| {
+            filter
+                .sluicegate_filter_handler()
+                .call_on_request_body(store, req, body)
+        })
     }
 
     /// The response phase.
@@ -276,21 +307,11 @@ impl FilterVersion {
         ResponseHead,
         Result<ResponseAction, FilterFailure>,
     ) {
-        let mut req_slot = Some(req);
-        let mut resp_slot = Some(resp);
-        let result = self.call("response", |store, filter| {
-            let rq = lend(store, &mut req_slot)?;
-            let rs = lend(store, &mut resp_slot)?;
-            let out = filter.sluicegate_filter_handler().call_on_response(
-                &mut *store,
-                borrow(&rq),
-                borrow(&rs),
-            );
-            take_back(store, rs, &mut resp_slot)?;
-            take_back(store, rq, &mut req_slot)?;
-            out
-        });
-        finish2(req_slot, resp_slot, result)
+        self.with_both("response", req, resp, |store, filter, rq, rs| {
+            filter
+                .sluicegate_filter_handler()
+                .call_on_response(store, rq, rs)
+        })
     }
 
     /// The response body phase.
@@ -300,22 +321,11 @@ impl FilterVersion {
         resp: ResponseHead,
         body: &[u8],
     ) -> (RequestHead, ResponseHead, Result<BodyAction, FilterFailure>) {
-        let mut req_slot = Some(req);
-        let mut resp_slot = Some(resp);
-        let result = self.call("response_body", |store, filter| {
-            let rq = lend(store, &mut req_slot)?;
-            let rs = lend(store, &mut resp_slot)?;
-            let out = filter.sluicegate_filter_handler().call_on_response_body(
-                &mut *store,
-                borrow(&rq),
-                borrow(&rs),
-                body,
-            );
-            take_back(store, rs, &mut resp_slot)?;
-            take_back(store, rq, &mut req_slot)?;
-            out
-        });
-        finish2(req_slot, resp_slot, result)
+        self.with_both("response_body", req, resp, |store, filter, rq, rs| {
+            filter
+                .sluicegate_filter_handler()
+                .call_on_response_body(store, rq, rs, body)
+        })
     }
 }
 

@@ -181,6 +181,8 @@ impl Backend {
         let greeting = format!("welcome {id}");
         Backend::raw(id, move |stream, requests, seen| {
             let greeting = greeting.clone();
+            // tungstenite's callback signature fixes the large error type.
+            #[allow(clippy::result_large_err)]
             async move {
                 let record =
                     |req: &WsRequest, resp: WsResponse| -> Result<WsResponse, ErrorResponse> {

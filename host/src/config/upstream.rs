@@ -1,0 +1,220 @@
+//! `[[upstream]]`: endpoints, weights, the balancing algorithm, retries
+//! and `[upstream.health]`.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, Validator};
+
+/// `[[upstream]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The name routes and filters refer to.
+    pub name: Spanned<String>,
+    /// Each server: `"host:port"` or `{ addr = "host:port", weight = N }`.
+    pub endpoints: Spanned<Vec<Spanned<EndpointConfig>>>,
+    /// The balancing algorithm (default `round_robin`).
+    #[serde(default)]
+    pub balance: Balance,
+    /// `consistent_hash` only: `header:NAME`, `cookie:NAME`, `path` or `client`.
+    pub hash_key: Option<Spanned<String>>,
+    /// Extra attempts on other endpoints (connect failures; 502/503/504 for
+    /// idempotent requests without a body). Default 2.
+    #[serde(default = "default_retries")]
+    pub retries: Spanned<usize>,
+    /// `[upstream.health]`: passive ejection and active checks.
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+fn default_retries() -> Spanned<usize> {
+    Spanned::new(0..0, 2)
+}
+
+/// Most retries an upstream may configure.
+pub const MAX_RETRIES: usize = 8;
+
+/// One endpoint of an upstream, plain or weighted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EndpointConfig {
+    /// `"host:port"`, weight 1.
+    Addr(String),
+    /// `{ addr = "host:port", weight = N }`.
+    Weighted(WeightedEndpoint),
+}
+
+/// `{ addr = "host:port", weight = N }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedEndpoint {
+    /// `host:port`.
+    pub addr: String,
+    /// Relative share of traffic, 1..=1000 (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl EndpointConfig {
+    /// `host:port`.
+    pub fn addr(&self) -> &str {
+        match self {
+            EndpointConfig::Addr(a) => a,
+            EndpointConfig::Weighted(w) => &w.addr,
+        }
+    }
+
+    /// The weight (1 when not given).
+    pub fn weight(&self) -> u32 {
+        match self {
+            EndpointConfig::Addr(_) => 1,
+            EndpointConfig::Weighted(w) => w.weight,
+        }
+    }
+}
+
+/// The balancing algorithms.
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round robin (nginx).
+    #[default]
+    RoundRobin,
+    /// Weighted random.
+    Random,
+    /// Power of two choices on in-flight requests.
+    LeastRequest,
+    /// Peak-EWMA latency times (in-flight + 1).
+    Ewma,
+    /// A hash ring keyed by `hash_key`.
+    ConsistentHash,
+}
+
+/// `[upstream.health]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Consecutive failures (connect errors, broken connections, 5xx)
+    /// that eject an endpoint; 0 disables passive ejection.
+    pub max_failures: u32,
+    /// First ejection, milliseconds; doubles on each re-ejection (cap 5 min).
+    pub ejection_ms: u64,
+    /// At most this share of an upstream's endpoints is ejected at once.
+    pub max_ejected_percent: u32,
+    /// Active check: `GET path` on each endpoint (absent = no active checks).
+    pub path: Option<String>,
+    /// Active check period, milliseconds.
+    pub interval_ms: u64,
+    /// Active check timeout (connect + status line), milliseconds.
+    pub timeout_ms: u64,
+    /// Consecutive passing checks that mark an endpoint healthy again.
+    pub healthy_threshold: u32,
+    /// Consecutive failing checks that mark an endpoint unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            max_failures: 5,
+            ejection_ms: 10_000,
+            max_ejected_percent: 50,
+            path: None,
+            interval_ms: 5_000,
+            timeout_ms: 1_000,
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        }
+    }
+}
+
+/// Where a `consistent_hash` upstream takes its key from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header (name lower-cased).
+    Header(http::HeaderName),
+    /// A cookie by name.
+    Cookie(String),
+    /// The request path.
+    Path,
+    /// The client IP address.
+    Client,
+}
+
+impl HashKey {
+    /// Parse `header:NAME`, `cookie:NAME`, `path` or `client`.
+    pub fn parse(s: &str) -> Result<HashKey, String> {
+        match s.split_once(':') {
+            Some(("header", name)) => http::HeaderName::from_bytes(name.trim().as_bytes())
+                .map(HashKey::Header)
+                .map_err(|_| format!("{name:?} is not a header name")),
+            Some(("cookie", name)) if !name.trim().is_empty() => {
+                Ok(HashKey::Cookie(name.trim().to_string()))
+            }
+            None if s == "path" => Ok(HashKey::Path),
+            None if s == "client" => Ok(HashKey::Client),
+            _ => Err(format!(
+                "{s:?} is not header:NAME, cookie:NAME, path or client"
+            )),
+        }
+    }
+}
+
+impl Validator<'_> {
+    pub(super) fn validate_balance(
+        &self,
+        i: usize,
+        up: &UpstreamConfig,
+    ) -> Result<(), ConfigError> {
+        let name = up.name.get_ref();
+        match (&up.hash_key, up.balance) {
+            (Some(k), Balance::ConsistentHash) => {
+                if let Err(reason) = HashKey::parse(k.get_ref()) {
+                    return self.error(k.span(), format!("upstream[{i}].hash_key"), reason);
+                }
+            }
+            (None, Balance::ConsistentHash) => {
+                let reason = format!("upstream {name:?} uses consistent_hash but has no hash_key");
+                return self.error(up.name.span(), format!("upstream[{i}].hash_key"), reason);
+            }
+            (Some(k), _) => {
+                let reason = "hash_key needs balance = \"consistent_hash\"".to_string();
+                return self.error(k.span(), format!("upstream[{i}].hash_key"), reason);
+            }
+            (None, _) => {}
+        }
+        if *up.retries.get_ref() > MAX_RETRIES {
+            let reason = format!("at most {MAX_RETRIES}");
+            return self.error(up.retries.span(), format!("upstream[{i}].retries"), reason);
+        }
+        let h = &up.health;
+        let key = |k: &str| format!("upstream[{i}].health.{k}");
+        let span = up.name.span();
+        if h.max_ejected_percent > 100 {
+            return self.error(span, key("max_ejected_percent"), "at most 100".into());
+        }
+        if h.ejection_ms == 0 {
+            return self.error(span, key("ejection_ms"), "must be > 0".into());
+        }
+        if let Some(path) = &h.path {
+            if !path.starts_with('/') {
+                let reason = format!("{path:?} must start with '/'");
+                return self.error(span, key("path"), reason);
+            }
+            if h.interval_ms == 0 || h.timeout_ms == 0 {
+                let reason = "interval_ms and timeout_ms must be > 0".to_string();
+                return self.error(span, key("interval_ms"), reason);
+            }
+            if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+                let reason = "thresholds must be >= 1".to_string();
+                return self.error(span, key("healthy_threshold"), reason);
+            }
+        }
+        Ok(())
+    }
+}
