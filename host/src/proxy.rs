@@ -283,7 +283,7 @@ impl Proxy {
         head: &mut RequestHead,
         body: ProxyBody,
     ) -> Result<ProxyBody, Response<ProxyBody>> {
-        let limit = self.snapshot.load().config.filters.max_body_bytes;
+        let limit = chain.max_body_bytes;
         let bytes = collect_limited(body, limit).await.map_err(|status| {
             body::text_response(status, "request body too large for the filter")
         })?;
@@ -322,7 +322,7 @@ impl Proxy {
             body = replaced;
         }
         if chain.wants_response_body(ran) {
-            let limit = self.snapshot.load().config.filters.max_body_bytes;
+            let limit = chain.max_body_bytes;
             let bytes = match collect_limited(body, limit).await {
                 Ok(b) => b,
                 Err(_) => {

@@ -32,6 +32,8 @@ pub struct Step {
 pub struct Chain {
     /// The steps, in request order.
     pub steps: Vec<Step>,
+    /// Largest body buffered for a body phase (from the same config).
+    pub max_body_bytes: usize,
 }
 
 /// What the request phase decided.
@@ -67,7 +69,10 @@ impl Chain {
                 }
             })
             .collect();
-        Chain { steps }
+        Chain {
+            steps,
+            max_body_bytes: config.max_body_bytes,
+        }
     }
 
     /// True if any filter wants the request body.

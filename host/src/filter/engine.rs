@@ -86,17 +86,17 @@ impl FilterEngine {
     }
 
     /// Compile a component, or map its cached artifact. Blocking: call it
-    /// off the async runtime. Returns the component and its content hash.
-    pub fn compile(&self, wasm: &[u8]) -> anyhow::Result<(Component, String)> {
-        let hash = hex::encode(Sha256::digest(wasm));
+    /// off the async runtime. `hash` is the bytes' [`content_hash`], which
+    /// names the cached artifact.
+    pub fn compile(&self, wasm: &[u8], hash: &str) -> anyhow::Result<Component> {
         let Some(dir) = &self.cache_dir else {
             let component = Component::new(&self.engine, wasm).map_err(anyhow::Error::from)?;
-            return Ok((component, hash));
+            return Ok(component);
         };
         let artifact = dir.join(format!("{hash}-{}.cwasm", self.compat));
         if artifact.exists() {
             match load_artifact(&self.engine, &artifact) {
-                Ok(c) => return Ok((c, hash)),
+                Ok(c) => return Ok(c),
                 Err(e) => {
                     tracing::warn!(artifact = %artifact.display(), error = %e, "ignoring unusable cached artifact")
                 }
@@ -116,8 +116,14 @@ impl FilterEngine {
             }
             Err(e) => tracing::warn!(error = %e, "cannot serialize compiled filter"),
         }
-        Ok((component, hash))
+        Ok(component)
     }
+}
+
+/// The SHA-256 of a component's bytes, hex: its identity everywhere (cache
+/// key, `/filters`, logs).
+pub fn content_hash(wasm: &[u8]) -> String {
+    hex::encode(Sha256::digest(wasm))
 }
 
 /// Map a precompiled artifact.

@@ -46,21 +46,7 @@ impl KvStore {
 
     /// Write `value`; false when the namespace is full or the entry too big.
     pub fn set(&self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> bool {
-        if key.len() + value.len() > MAX_ENTRY_BYTES {
-            return false;
-        }
-        let mut map = self.map.lock();
-        if !Self::make_room(&mut map, &key) {
-            return false;
-        }
-        map.insert(
-            key,
-            Entry {
-                value,
-                expires: deadline(ttl_ms),
-            },
-        );
-        true
+        Self::insert(&mut self.map.lock(), key, value, ttl_ms)
     }
 
     /// Remove `key`; true if a live value was there.
@@ -109,10 +95,20 @@ impl KvStore {
             .get(&key)
             .filter(|e| e.live(now))
             .map(|e| e.value.as_slice());
-        if current != expected || key.len() + value.len() > MAX_ENTRY_BYTES {
+        if current != expected {
             return false;
         }
-        if !Self::make_room(&mut map, &key) {
+        Self::insert(&mut map, key, value, ttl_ms)
+    }
+
+    /// Insert within the entry-size and entry-count bounds; false if not.
+    fn insert(
+        map: &mut HashMap<String, Entry>,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> bool {
+        if key.len() + value.len() > MAX_ENTRY_BYTES || !Self::make_room(map, &key) {
             return false;
         }
         map.insert(

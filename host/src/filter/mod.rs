@@ -213,14 +213,14 @@ impl FilterRuntime {
             .map_err(|e| (String::new(), anyhow::Error::from(e).context("cannot read")))?;
         let policy = config.policy_for(name);
         let init = config.init_json(name);
-        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        let hash = engine::content_hash(&bytes);
         if let Some(old) = previous {
             if old.hash == hash && old.policy == policy && old.init_config() == init {
                 return Ok(old.clone());
             }
         }
         let timeout = std::time::Duration::from_millis(config.compile_timeout_ms);
-        let component = compile_with_timeout(&self.engine, bytes, timeout)
+        let component = compile_with_timeout(&self.engine, bytes, hash.clone(), timeout)
             .map_err(|e| (hash.clone(), e.context("not a valid filter component")))?;
         let ctx = Arc::new(FilterContext::new(Arc::from(name), self.kv.namespace(name)));
         let version = FilterVersion::new(
@@ -243,6 +243,7 @@ impl FilterRuntime {
 fn compile_with_timeout(
     engine: &FilterEngine,
     bytes: Vec<u8>,
+    hash: String,
     timeout: std::time::Duration,
 ) -> anyhow::Result<wasmtime::component::Component> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -250,7 +251,7 @@ fn compile_with_timeout(
     std::thread::Builder::new()
         .name("sluicegate-compile".into())
         .spawn(move || {
-            let _ = tx.send(engine.compile(&bytes).map(|(c, _)| c));
+            let _ = tx.send(engine.compile(&bytes, &hash));
         })?;
     match rx.recv_timeout(timeout) {
         Ok(result) => result,

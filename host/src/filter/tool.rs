@@ -53,8 +53,9 @@ pub fn load(
     };
     let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
     let engine = FilterEngine::new(None)?;
-    let (component, hash) = engine
-        .compile(&bytes)
+    let hash = super::engine::content_hash(&bytes);
+    let component = engine
+        .compile(&bytes, &hash)
         .with_context(|| format!("{}: not a valid filter component", wasm.display()))?;
     let policy = FilterPolicy {
         timeout_ms: 1000,
