@@ -325,14 +325,14 @@ def nginx_http_common(work: Path, name: str) -> str:
 """
 
 
-def backend_conf(work: Path, port: int) -> str:
+def backend_conf(work: Path, ports: list[int]) -> str:
     # x-seen-from echoes the request header x-from, so verification can see that a filter's
     # request-header change reached the backend (nginx omits the header when the value is empty).
     return nginx_common(work, "backend") + f"""
 http {{
 {nginx_http_common(work, "backend")}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        {" ".join(f"listen 127.0.0.1:{p} backlog=4096;" for p in ports)}
         location / {{
             default_type text/plain;
             add_header x-seen-from $http_x_from;
@@ -343,7 +343,7 @@ http {{
 """
 
 
-def nginx_proxy_conf(work: Path, port: int, backend: int, h2_port: int | None) -> str:
+def nginx_proxy_conf(work: Path, port: int, backends: list[int], h2_port: int | None) -> str:
     h2 = ""
     if h2_port:
         h2 = f"""
@@ -359,7 +359,7 @@ def nginx_proxy_conf(work: Path, port: int, backend: int, h2_port: int | None) -
 http {{
 {nginx_http_common(work, "nginx")}
     upstream app {{
-        server 127.0.0.1:{backend};
+        {" ".join(f"server 127.0.0.1:{b};" for b in backends)}
         keepalive 64;
         keepalive_requests 1000000;
     }}
@@ -375,7 +375,8 @@ http {{
 """
 
 
-def haproxy_conf(port: int, backend: int) -> str:
+def haproxy_conf(port: int, backends: list[int]) -> str:
+    servers = "\n".join(f"    server s{i} 127.0.0.1:{b}" for i, b in enumerate(backends))
     return f"""
 global
     nbthread 1
@@ -395,11 +396,16 @@ frontend fe
     default_backend app
 
 backend app
-    server s1 127.0.0.1:{backend}
+    balance roundrobin
+{servers}
 """
 
 
-def envoy_conf(port: int, backend: int, wasm: Path | None) -> str:
+def envoy_conf(port: int, backends: list[int], wasm: Path | None) -> str:
+    lb_endpoints = "".join(f"""
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {b} }}""" for b in backends)
     wasm_filter = ""
     if wasm is not None:
         wasm_filter = f"""
@@ -449,10 +455,7 @@ static_resources:
     load_assignment:
       cluster_name: app
       endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {backend} }}
+      - lb_endpoints:{lb_endpoints}
 """
 
 
@@ -460,7 +463,8 @@ def toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid TOML basic string for these values
 
 
-def sluicegate_conf(port: int, admin: int, backend: int, filter_dir: Path | None) -> str:
+def sluicegate_conf(port: int, admin: int, backends: list[int], filter_dir: Path | None) -> str:
+    endpoints = ", ".join(toml_str(f"127.0.0.1:{b}") for b in backends)
     s = f"""[proxy]
 listen = [{toml_str(f"127.0.0.1:{port}")}]
 workers = 1
@@ -468,7 +472,7 @@ admin = {toml_str(f"127.0.0.1:{admin}")}
 
 [[upstream]]
 name = "app"
-endpoints = [{toml_str(f"127.0.0.1:{backend}")}]
+endpoints = [{endpoints}]
 
 [[route]]
 path_prefix = "/"
@@ -655,6 +659,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--duration", type=int, help="seconds per wrk run")
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--backends", type=int, default=1,
+                    help="balance over this many backend addresses (round robin in every proxy)")
     ap.add_argument("--warmup", type=int, default=1, help="seconds of unrecorded wrk per target first")
     ap.add_argument("--only", help=f"comma-separated subset of: {','.join(ALL_KEYS)}")
     ap.add_argument("--h2", action="store_true", help="also h2load h2c runs (sluicegate, nginx, envoy)")
@@ -718,21 +724,22 @@ def main() -> int:
         log(f"WARNING: the machine is {busy_before:.0f}% busy before starting: "
             "numbers will be skewed (a build running?)")
 
-    need_ports = 1 + 2 * len(keys) + 4
+    need_ports = args.backends + 2 * len(keys) + 4
     ports = iter(free_ports(need_ports))
-    backend_port = next(ports)
+    backend_ports = [next(ports) for _ in range(args.backends)]
+    backend_port = backend_ports[0]
     targets: dict[str, Target] = {}
 
     # --- backend -----------------------------------------------------------------------------
     (work / "backend").mkdir()
     conf = work / "backend" / "nginx.conf"
-    conf.write_text(backend_conf(work, backend_port))
+    conf.write_text(backend_conf(work, backend_ports))
     t = Target("direct", LABELS["direct"], backend_port)
     t.procs.append(procs.spawn("backend nginx", [nginx, "-e", str(work / "backend" / "error.log"),
                                                  "-p", str(work / "backend"), "-c", str(conf)],
                                work / "backend" / "stdout.log", match="nginx"))
     targets["direct"] = t
-    log(f"backend nginx on 127.0.0.1:{backend_port}")
+    log(f"backend nginx on 127.0.0.1:{','.join(map(str, backend_ports))}")
     wait_ready(procs, t, 15)
 
     # --- proxies -----------------------------------------------------------------------------
@@ -758,7 +765,7 @@ def main() -> int:
                 shutil.copy2(wasm, filter_dir / "add-header.wasm")
             admin = next(ports)
             cfg = d / "sluicegate.toml"
-            cfg.write_text(sluicegate_conf(port, admin, backend_port, filter_dir))
+            cfg.write_text(sluicegate_conf(port, admin, backend_ports, filter_dir))
             if key == "sluicegate" and args.h2:
                 t.h2_port = port  # h2c prior knowledge on the same listener, if the host speaks it
             env = dict(os.environ, NO_COLOR="1")  # plain logs in bench/out/work/*/sluicegate.log
@@ -769,12 +776,12 @@ def main() -> int:
             h2_port = next(ports) if args.h2 else None
             t.h2_port = h2_port
             cfg = d / "nginx.conf"
-            cfg.write_text(nginx_proxy_conf(work, port, backend_port, h2_port))
+            cfg.write_text(nginx_proxy_conf(work, port, backend_ports, h2_port))
             t.procs.append(procs.spawn("nginx proxy", [nginx, "-e", str(d / "error.log"), "-p", str(d),
                                                        "-c", str(cfg)], d / "stdout.log", match="nginx"))
         elif key == "haproxy":
             cfg = d / "haproxy.cfg"
-            cfg.write_text(haproxy_conf(port, backend_port))
+            cfg.write_text(haproxy_conf(port, backend_ports))
             t.procs.append(procs.spawn("haproxy", [haproxy, "-db", "-f", str(cfg)], d / "haproxy.log"))
         elif key in ("envoy", "envoy-wasm"):
             wasm = None
@@ -786,7 +793,7 @@ def main() -> int:
             if args.h2 and key == "envoy":
                 t.h2_port = port  # codec_type AUTO takes h2c prior knowledge on the same port
             cfg = d / "envoy.yaml"
-            cfg.write_text(envoy_conf(port, backend_port, wasm))
+            cfg.write_text(envoy_conf(port, backend_ports, wasm))
             t.procs.append(procs.spawn_setsid(
                 key, [envoy, "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart",
                       "-l", "warn", "--log-path", str(d / "envoy.log")],
@@ -984,6 +991,7 @@ def main() -> int:
         "waited_for_quiet_s": round(waited, 1),
         "reruns_for_foreign_load": sum(r.get("retries", 0) for rs in results.values() for r in rs),
         "rounds": rounds, "duration_s": duration, "connections": args.connections,
+        "backends": args.backends,
         "wrk_threads": 1, "warmup_s": args.warmup, "seed": seed, "orders": orders,
         "quick": args.quick,
         "load_generator": f"wrk -t1 -c{args.connections} -d{duration}s --latency",
@@ -1013,6 +1021,8 @@ def render_md(doc: dict) -> str:
     L.append(f"{meta['date']} · {meta['nproc']} CPUs ({meta['cpu_model']}) · "
              f"{meta['rounds']} interleaved rounds × {meta['duration_s']} s per target · "
              f"`{meta['load_generator']}` · medians over rounds, (min–max) spread"
+             + (f" · every proxy balances over **{meta['backends']} backends** (round robin)"
+                if meta.get("backends", 1) > 1 else "")
              + (" · **quick run**" if meta["quick"] else "") + "\n")
     if meta["cpu_busy_before_pct"] > 20:
         L.append(f"> **Warning:** the machine was {meta['cpu_busy_before_pct']:.0f}% busy before the run; "

@@ -101,6 +101,7 @@ fn upstream_json(u: &Upstream) -> serde_json::Value {
             let (requests, failures, ejections) = st.counters();
             serde_json::json!({
                 "addr": &*e.addr,
+                "name": e.name.as_deref(),
                 "weight": e.weight,
                 "healthy": st.healthy(now),
                 "ejected": st.ejected(now),
@@ -113,10 +114,28 @@ fn upstream_json(u: &Upstream) -> serde_json::Value {
             })
         })
         .collect();
+    let limits = u.admission.as_ref().map(|a| {
+        let (in_use, pending, refused) = a.stats();
+        serde_json::json!({
+            "max_connections": a.config.max_connections,
+            "max_pending": a.config.max_pending,
+            "in_use": in_use,
+            "pending": pending,
+            "refused": refused,
+        })
+    });
+    let (retries_active, retries_refused) = u.retry_budget.stats();
     serde_json::json!({
         "name": &*u.name,
         "balance": u.balance,
         "retries": u.retries,
+        "retry_budget": {
+            "percent": u.retry_budget.config.percent,
+            "min_concurrent": u.retry_budget.config.min_concurrent,
+            "active": retries_active,
+            "refused": retries_refused,
+        },
+        "limits": limits,
         "endpoints": endpoints,
     })
 }

@@ -74,7 +74,12 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
         }
         None => None,
     };
-    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::new(config.clone(), None)?));
+    let dns = crate::balance::dns::resolve(&config, &Default::default()).await;
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::with_dns(
+        config.clone(),
+        None,
+        Arc::new(dns),
+    )?));
     let make_proxy = || {
         Arc::new(Proxy {
             client: UpstreamClient::new(&config),
@@ -129,6 +134,7 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
     }
     // Active health checks follow the live snapshot across reloads.
     tokio::spawn(crate::balance::health::run(snapshot.clone()));
+    tokio::spawn(crate::balance::dns::run(main_proxy.clone()));
     let _watcher = reload::watch(main_proxy.clone(), source.clone());
 
     wait_for_stop(&main_proxy, source).await;

@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
     /// Metric handles per route index; the last one counts unrouted requests.
     route_metrics: Vec<RouteMetrics>,
+    /// What the endpoints given by name resolved to (see [`balance::dns`]).
+    pub dns: Arc<balance::dns::DnsTable>,
 }
 
 /// Metric handles of one route, registered once per snapshot so a request
@@ -66,6 +68,16 @@ impl Snapshot {
     /// `previous` (the running snapshot, on a reload) also has keep their
     /// live balancing state: in-flight counts, latency, ejections.
     pub fn new(config: Config, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
+        let dns = previous.map(|p| p.dns.clone()).unwrap_or_default();
+        Snapshot::with_dns(config, previous, dns)
+    }
+
+    /// [`Snapshot::new`] with these DNS answers for endpoints given by name.
+    pub fn with_dns(
+        config: Config,
+        previous: Option<&Snapshot>,
+        dns: Arc<balance::dns::DnsTable>,
+    ) -> anyhow::Result<Snapshot> {
         let upstreams = config
             .upstreams
             .iter()
@@ -74,7 +86,7 @@ impl Snapshot {
                 let old = previous.and_then(|p| p.upstreams.get(name));
                 Ok((
                     Arc::from(name),
-                    Arc::new(Upstream::new(u, old.map(|o| &**o))?),
+                    Arc::new(Upstream::new(u, old.map(|o| &**o), &dns)?),
                 ))
             })
             .collect::<anyhow::Result<_>>()?;
@@ -90,6 +102,7 @@ impl Snapshot {
             upstreams,
             route_metrics,
             config: Arc::new(config),
+            dns,
         })
     }
 }
@@ -385,6 +398,9 @@ fn error_response(upstream: &str, e: &ForwardError) -> Response<ProxyBody> {
         }
         ForwardError::Broken { .. } => {
             body::text_response(StatusCode::BAD_GATEWAY, "upstream connection failed")
+        }
+        ForwardError::Overloaded { .. } => {
+            body::text_response(StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded")
         }
     }
 }

@@ -132,15 +132,39 @@ pub async fn reload_config(proxy: Arc<Proxy>, path: PathBuf) {
     if config.filters.dir.is_some() && proxy.filters.is_none() {
         tracing::warn!("[filters] was added to the config; enabling filters needs a restart");
     }
-    match Snapshot::new(config, Some(&old)) {
-        Ok(snap) => proxy.snapshot.store(Arc::new(snap)),
-        Err(e) => {
-            tracing::error!("config reload rejected: {e:#}");
-            return;
-        }
+    // Names are resolved before the swap, so new endpoints take traffic at once.
+    let dns = Arc::new(crate::balance::dns::resolve(&config, &old.dns).await);
+    let swapped = swap_snapshot(&proxy, |old| {
+        Snapshot::with_dns(config, Some(old), dns).map(Some)
+    })
+    .await;
+    if let Err(e) = swapped {
+        metrics::counter!("sluicegate_reload_failures_total", "kind" => "config").increment(1);
+        tracing::error!("config reload rejected: {e:#}");
+        return;
     }
     tracing::info!("configuration reloaded");
     if filters_changed {
         reload_filters(proxy).await;
+    }
+}
+
+/// Replace the live snapshot with what `build` makes of it (`None`: keep
+/// it). Config reloads and DNS updates go through here one at a time, so
+/// neither builds on a snapshot the other is replacing. Requests never
+/// wait on this: they load whichever snapshot is live.
+pub async fn swap_snapshot(
+    proxy: &Proxy,
+    build: impl FnOnce(&Snapshot) -> anyhow::Result<Option<Snapshot>>,
+) -> anyhow::Result<bool> {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let old = proxy.snapshot.load_full();
+    match build(&old)? {
+        Some(new) => {
+            proxy.snapshot.store(Arc::new(new));
+            Ok(true)
+        }
+        None => Ok(false),
     }
 }

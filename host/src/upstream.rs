@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::balance::limits::{RetryTicket, Slot};
 use crate::balance::{InFlight, Upstream};
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, MAX_RETRIES};
@@ -43,6 +44,14 @@ pub enum ForwardError {
         endpoint: String,
         /// What hyper said.
         reason: String,
+    },
+    /// `[upstream.limits]`: every slot busy and the queue full or too slow.
+    #[error("upstream {upstream} over its limits ({reason})")]
+    Overloaded {
+        /// The upstream.
+        upstream: String,
+        /// `max_pending` or `pending_timeout`.
+        reason: &'static str,
     },
 }
 
@@ -80,7 +89,9 @@ impl UpstreamClient {
     /// yet, but only for a request without a body (a body may have reached
     /// the upstream and cannot be replayed): after a failed connect always,
     /// and after a `502`/`503`/`504` or a broken connection only for
-    /// idempotent methods. A timeout is not retried.
+    /// idempotent methods. A timeout is not retried. Retries also need the
+    /// upstream's retry budget; with `[upstream.limits]`, the request first
+    /// waits for a slot (503 when the queue is full or the wait too long).
     pub async fn forward(
         &self,
         upstream: &Upstream,
@@ -97,6 +108,22 @@ impl UpstreamClient {
                 | Method::DELETE
                 | Method::TRACE
         );
+        let mut slot = match &upstream.admission {
+            Some(a) => match a.admit().await {
+                Ok(slot) => Some(slot),
+                Err(o) => {
+                    metrics::counter!("sluicegate_upstream_overflow_total",
+                        "upstream" => upstream.name.to_string(), "reason" => o.label())
+                    .increment(1);
+                    return Err(ForwardError::Overloaded {
+                        upstream: upstream.name.to_string(),
+                        reason: o.label(),
+                    });
+                }
+            },
+            None => None,
+        };
+        let mut _ticket = None;
         let attempts = 1 + upstream.retries.min(MAX_RETRIES);
         let mut tried = [0usize; MAX_RETRIES + 1];
         let (parts, body) = req.into_parts();
@@ -131,16 +158,19 @@ impl UpstreamClient {
                 Ok(Ok(resp)) => {
                     let status = resp.status();
                     upstream.record(i, Some(status), rtt);
+                    let again = matches!(status.as_u16(), 502..=504) && idempotent && may_retry;
+                    let ticket = if again { retry_ticket(upstream) } else { None };
                     let resp = resp.map(|b| {
                         body::boxed(Tracked {
                             inner: b,
                             _guard: guard,
+                            _slot: if ticket.is_none() { slot.take() } else { None },
                         })
                     });
-                    let again = matches!(status.as_u16(), 502..=504) && idempotent && may_retry;
-                    if !again {
+                    if ticket.is_none() {
                         return Ok(resp);
                     }
+                    _ticket = ticket;
                     tracing::info!(upstream = %upstream.name, endpoint = %endpoint.addr, %status, "retrying on another endpoint");
                     last = Some(Ok(resp));
                     continue;
@@ -170,9 +200,11 @@ impl UpstreamClient {
             };
             upstream.record(i, None, rtt);
             let (err, again) = failure;
-            if !again {
+            let ticket = if again { retry_ticket(upstream) } else { None };
+            if ticket.is_none() {
                 return Err(err);
             }
+            _ticket = ticket;
             tracing::info!(upstream = %upstream.name, error = %err, "retrying on another endpoint");
             last = Some(Err(err));
         }
@@ -183,11 +215,25 @@ impl UpstreamClient {
     }
 }
 
+/// A retry, if the upstream's retry budget allows one now.
+fn retry_ticket(upstream: &Upstream) -> Option<RetryTicket> {
+    let ticket = upstream.retry_budget.try_retry(upstream.in_flight());
+    if ticket.is_none() {
+        metrics::counter!("sluicegate_upstream_retry_budget_exhausted_total",
+            "upstream" => upstream.name.to_string())
+        .increment(1);
+        tracing::info!(upstream = %upstream.name, "retry budget exhausted; not retrying");
+    }
+    ticket
+}
+
 /// An upstream response body that keeps its endpoint's in-flight count
-/// until it ends or is dropped.
+/// (and the upstream slot, with `[upstream.limits]`) until it ends or is
+/// dropped.
 struct Tracked {
     inner: Incoming,
     _guard: InFlight,
+    _slot: Option<Slot>,
 }
 
 impl http_body::Body for Tracked {

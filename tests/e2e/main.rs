@@ -7,6 +7,7 @@
 mod common;
 
 mod balance;
+mod balance_limits;
 mod config;
 mod filters;
 mod proxy;

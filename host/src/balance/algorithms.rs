@@ -198,7 +198,7 @@ mod tests {
             if balance == "consistent_hash" { "hash_key = \"path\"\n" } else { "" }
         );
         let c = crate::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
-        Upstream::new(&c.upstreams[0], None).unwrap()
+        Upstream::new(&c.upstreams[0], None, &Default::default()).unwrap()
     }
 
     const WEIGHTED: &str =

@@ -10,7 +10,9 @@
 //! panic mode here; active health checks in [`health`].
 
 pub mod algorithms;
+pub mod dns;
 pub mod health;
+pub mod limits;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -21,6 +23,8 @@ use http::uri::Authority;
 use http::{HeaderMap, StatusCode};
 
 use crate::config::{Balance, HashKey, HealthConfig, UpstreamConfig};
+use dns::DnsTable;
+use limits::{Admission, RetryBudget};
 
 /// Longest ejection, however often an endpoint is re-ejected.
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);
@@ -172,8 +176,10 @@ impl Drop for InFlight {
 /// One server of an upstream.
 #[derive(Debug)]
 pub struct Endpoint {
-    /// `host:port` as configured.
+    /// `host:port` as configured, or the address a name resolved to.
     pub addr: Arc<str>,
+    /// The configured `host:port` name this address came from (DNS), if any.
+    pub name: Option<Arc<str>>,
     /// The same, parsed for building upstream URIs.
     pub authority: Authority,
     /// Relative share of traffic (≥ 1).
@@ -182,6 +188,38 @@ pub struct Endpoint {
     pub state: Arc<EndpointState>,
     /// `sluicegate_upstream_requests_total` by status class 1xx..5xx, then `error`.
     by_status: [metrics::Counter; 6],
+}
+
+impl Endpoint {
+    /// An endpoint of upstream `upstream` at `addr`, keeping the state
+    /// the same address had in `previous`.
+    fn new(
+        upstream: &str,
+        addr: &str,
+        name: Option<Arc<str>>,
+        weight: u32,
+        previous: Option<&Upstream>,
+    ) -> anyhow::Result<Endpoint> {
+        let authority = addr
+            .parse::<Authority>()
+            .map_err(|e| anyhow::anyhow!("upstream {upstream}: endpoint {addr:?}: {e}"))?;
+        let state = previous
+            .and_then(|p| p.endpoints.as_slice().iter().find(|e| &*e.addr == addr))
+            .map(|e| e.state.clone())
+            .unwrap_or_default();
+        let c = |status: &'static str| {
+            metrics::counter!("sluicegate_upstream_requests_total",
+                "upstream" => upstream.to_string(), "endpoint" => addr.to_string(), "status" => status)
+        };
+        Ok(Endpoint {
+            addr: Arc::from(addr),
+            name,
+            authority,
+            weight: weight.max(1),
+            state,
+            by_status: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx"), c("error")],
+        })
+    }
 }
 
 /// The endpoints of an upstream, as an algorithm sees them.
@@ -257,46 +295,65 @@ pub struct Upstream {
     pub retries: usize,
     /// Ejection and active check settings.
     pub health: HealthConfig,
+    /// `[upstream.limits]`: slots and a bounded queue (`None`: unlimited).
+    pub admission: Option<Arc<Admission>>,
+    /// `[upstream.retry_budget]`.
+    pub retry_budget: Arc<RetryBudget>,
     selector: Box<dyn Selector>,
 }
 
 impl Upstream {
     /// Build from a validated `[[upstream]]` table, keeping the live state
     /// of endpoints `previous` (the same upstream before a reload) had.
-    pub fn new(config: &UpstreamConfig, previous: Option<&Upstream>) -> anyhow::Result<Upstream> {
+    /// An endpoint given by name becomes one endpoint per address `dns`
+    /// holds for it (or stays the name, resolved at connect time).
+    pub fn new(
+        config: &UpstreamConfig,
+        previous: Option<&Upstream>,
+        dns: &DnsTable,
+    ) -> anyhow::Result<Upstream> {
         let name = config.name.get_ref();
-        let endpoints = config
-            .endpoints
-            .get_ref()
-            .iter()
-            .map(|ep| {
-                let ep = ep.get_ref();
-                let addr = ep.addr();
-                let authority = addr
-                    .parse::<Authority>()
-                    .map_err(|e| anyhow::anyhow!("upstream {name}: endpoint {addr:?}: {e}"))?;
-                let state = previous
-                    .and_then(|p| p.endpoints.as_slice().iter().find(|e| &*e.addr == addr))
-                    .map(|e| e.state.clone())
-                    .unwrap_or_default();
-                let c = |status: &'static str| {
-                    metrics::counter!("sluicegate_upstream_requests_total",
-                        "upstream" => name.clone(), "endpoint" => addr.to_string(), "status" => status)
-                };
-                Ok(Endpoint {
-                    addr: Arc::from(addr),
-                    authority,
-                    weight: ep.weight().max(1),
-                    state,
-                    by_status: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx"), c("error")],
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut endpoints = Vec::new();
+        for ep in config.endpoints.get_ref() {
+            let ep = ep.get_ref();
+            let configured = ep.addr();
+            match dns.get(configured).filter(|a| !a.is_empty()) {
+                Some(addrs) => {
+                    let origin: Arc<str> = Arc::from(configured);
+                    for a in addrs {
+                        let addr = a.to_string();
+                        endpoints.push(Endpoint::new(
+                            name,
+                            &addr,
+                            Some(origin.clone()),
+                            ep.weight(),
+                            previous,
+                        )?);
+                    }
+                }
+                None => endpoints.push(Endpoint::new(
+                    name,
+                    configured,
+                    None,
+                    ep.weight(),
+                    previous,
+                )?),
+            }
+        }
         anyhow::ensure!(!endpoints.is_empty(), "upstream {name} has no endpoints");
         let endpoints = EndpointSet { endpoints };
         let hash_key = match &config.hash_key {
             Some(k) => Some(HashKey::parse(k.get_ref()).map_err(anyhow::Error::msg)?),
             None => None,
+        };
+        // Circuit breakers survive a reload that leaves their settings alone.
+        let admission = match previous.and_then(|p| p.admission.as_ref()) {
+            Some(a) if a.config == config.limits => Some(a.clone()),
+            _ => Admission::new(&config.limits).map(Arc::new),
+        };
+        let retry_budget = match previous.map(|p| &p.retry_budget) {
+            Some(b) if b.config == config.retry_budget => b.clone(),
+            _ => Arc::new(RetryBudget::new(&config.retry_budget)),
         };
         Ok(Upstream {
             name: Arc::from(name.as_str()),
@@ -306,7 +363,18 @@ impl Upstream {
             hash_key,
             retries: *config.retries.get_ref(),
             health: config.health.clone(),
+            admission,
+            retry_budget,
         })
+    }
+
+    /// Requests in flight on every endpoint (what the retry budget is a share of).
+    pub fn in_flight(&self) -> u64 {
+        self.endpoints
+            .as_slice()
+            .iter()
+            .map(|e| e.state.in_flight())
+            .sum()
     }
 
     /// The endpoint at `i`.
@@ -456,7 +524,7 @@ mod tests {
             "[proxy]\nlisten = [\"127.0.0.1:1\"]\n[[upstream]]\nname = \"u\"\nendpoints = [\"127.0.0.1:1\", \"127.0.0.1:2\", \"127.0.0.1:3\", \"127.0.0.1:4\"]\n{extra}"
         );
         let c = crate::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
-        Upstream::new(&c.upstreams[0], None).unwrap()
+        Upstream::new(&c.upstreams[0], None, &DnsTable::new()).unwrap()
     }
 
     #[test]

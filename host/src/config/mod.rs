@@ -86,6 +86,9 @@ pub struct ProxyConfig {
     /// `[proxy.limits]`.
     #[serde(default)]
     pub limits: Limits,
+    /// `[proxy.dns]`: resolving endpoints given by name.
+    #[serde(default)]
+    pub dns: DnsConfig,
 }
 
 fn default_via() -> String {
@@ -384,6 +387,7 @@ impl Validator<'_> {
         if proxy.workers == Some(0) {
             return self.error(0..0, "proxy.workers".into(), "must be at least 1".into());
         }
+        self.validate_dns(&proxy.dns)?;
         let mut names = HashSet::new();
         for (i, up) in config.upstreams.iter().enumerate() {
             let name = up.name.get_ref();
@@ -557,6 +561,37 @@ upstream = "app"
             .unwrap_err()
             .to_string();
         assert!(e.contains("fastest") && e.contains("line 8"), "{e}");
+    }
+
+    #[test]
+    fn limits_budget_and_dns_are_validated() {
+        let err = |extra: &str| {
+            let text = GOOD.replace(
+                "endpoints = [\"127.0.0.1:9001\"]",
+                &format!("endpoints = [\"app.svc:9001\"]\n{extra}"),
+            );
+            Config::parse(&text, Path::new("x.toml"))
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(err("[upstream.limits]\nmax_connections = 10"), None);
+        let e = err("[upstream.limits]\nmax_connections = 0").unwrap();
+        assert!(e.contains("upstream[0].limits.max_connections"), "{e}");
+        let e = err("[upstream.retry_budget]\npercent = 150.0").unwrap();
+        assert!(e.contains("upstream[0].retry_budget.percent"), "{e}");
+        let e = err("[upstream.limits]\nmax_conns = 1").unwrap();
+        assert!(e.contains("max_conns"), "{e}");
+        let text = GOOD.replace(
+            "[[upstream]]",
+            "[proxy.dns]\nservers = [\"dns.local\"]\n\n[[upstream]]",
+        );
+        let e = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("proxy.dns.servers") && e.contains("dns.local"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -26,6 +26,84 @@ pub struct UpstreamConfig {
     /// `[upstream.health]`: passive ejection and active checks.
     #[serde(default)]
     pub health: HealthConfig,
+    /// `[upstream.limits]`: concurrency limits, answered with 503 past them.
+    #[serde(default)]
+    pub limits: UpstreamLimits,
+    /// `[upstream.retry_budget]`: the share of active requests that may be retries.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+}
+
+/// `[upstream.limits]`: a circuit breaker per upstream (as Envoy's
+/// `max_connections` / `max_pending_requests`). Absent: no limit.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamLimits {
+    /// Requests in flight to the upstream at once, over all its endpoints
+    /// and workers. Under HTTP/1.1 each holds one upstream connection, so
+    /// this bounds the connections in use. `None`: unlimited.
+    pub max_connections: Option<usize>,
+    /// Requests allowed to wait for a free slot once `max_connections` are
+    /// busy; one more is answered `503` at once.
+    pub max_pending: usize,
+    /// How long a pending request waits for a slot before `503`.
+    pub pending_timeout_ms: u64,
+}
+
+impl Default for UpstreamLimits {
+    fn default() -> Self {
+        UpstreamLimits {
+            max_connections: None,
+            max_pending: 1024,
+            pending_timeout_ms: 1_000,
+        }
+    }
+}
+
+/// `[upstream.retry_budget]`: retries may be at most `percent` of the
+/// requests active on the upstream, but `min_concurrent` are always allowed
+/// (Envoy's retry budget). Bounds retry storms when an upstream is sick.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudgetConfig {
+    /// Share of active requests that may be retries at once, 0..=100.
+    pub percent: f64,
+    /// Retries allowed at once whatever the share says.
+    pub min_concurrent: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            percent: 20.0,
+            min_concurrent: 3,
+        }
+    }
+}
+
+/// `[proxy.dns]`: how endpoints given by name (`"app.svc:8080"`) are
+/// resolved. Each address a name resolves to becomes an endpoint (a
+/// Kubernetes headless Service's pods), re-resolved every `refresh_ms`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Re-resolve names this often, milliseconds (0: only at start and on reload).
+    pub refresh_ms: u64,
+    /// How long one resolution may take before the last answer is kept.
+    pub timeout_ms: u64,
+    /// Name servers (`"ip:port"`) to ask instead of the system resolver
+    /// (`/etc/resolv.conf`, `/etc/hosts`).
+    pub servers: Vec<String>,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            refresh_ms: 5_000,
+            timeout_ms: 2_000,
+            servers: Vec::new(),
+        }
+    }
 }
 
 fn default_retries() -> Spanned<usize> {
@@ -165,7 +243,35 @@ impl HashKey {
     }
 }
 
+impl DnsConfig {
+    /// The configured name servers, parsed.
+    pub fn server_addrs(&self) -> Result<Vec<std::net::SocketAddr>, String> {
+        self.servers
+            .iter()
+            .map(|s| {
+                s.parse()
+                    .map_err(|_| format!("{s:?} is not an ip:port address"))
+            })
+            .collect()
+    }
+}
+
 impl Validator<'_> {
+    /// `[proxy.dns]`.
+    pub(super) fn validate_dns(&self, dns: &DnsConfig) -> Result<(), ConfigError> {
+        if let Err(reason) = dns.server_addrs() {
+            return self.error(0..0, "proxy.dns.servers".into(), reason);
+        }
+        if dns.refresh_ms != 0 && dns.refresh_ms < 100 {
+            let reason = "at least 100 (or 0 to resolve only at start and reload)".to_string();
+            return self.error(0..0, "proxy.dns.refresh_ms".into(), reason);
+        }
+        if dns.timeout_ms == 0 {
+            return self.error(0..0, "proxy.dns.timeout_ms".into(), "must be > 0".into());
+        }
+        Ok(())
+    }
+
     pub(super) fn validate_balance(
         &self,
         i: usize,
@@ -214,6 +320,28 @@ impl Validator<'_> {
                 let reason = "thresholds must be >= 1".to_string();
                 return self.error(span, key("healthy_threshold"), reason);
             }
+        }
+        let l = &up.limits;
+        if l.max_connections == Some(0) {
+            let reason = "must be >= 1 (leave it out for no limit)".to_string();
+            return self.error(
+                span,
+                format!("upstream[{i}].limits.max_connections"),
+                reason,
+            );
+        }
+        if l.max_connections.is_some() && l.pending_timeout_ms == 0 {
+            let reason = "must be > 0".to_string();
+            return self.error(
+                span,
+                format!("upstream[{i}].limits.pending_timeout_ms"),
+                reason,
+            );
+        }
+        let b = &up.retry_budget;
+        if !(0.0..=100.0).contains(&b.percent) {
+            let reason = format!("{} is not a share between 0 and 100", b.percent);
+            return self.error(span, format!("upstream[{i}].retry_budget.percent"), reason);
         }
         Ok(())
     }

@@ -68,9 +68,19 @@ impl Backend {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<RespBody>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Backend::serve_at("127.0.0.1:0".parse().unwrap(), id, handler).await
+    }
+
+    /// [`Backend::serve`] on a given address (e.g. `127.0.0.2:<port>`, for
+    /// several backends behind one DNS name and port).
+    pub async fn serve_at<F, Fut>(bind: SocketAddr, id: &str, handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<RespBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind(bind)
             .await
-            .expect("bind backend");
+            .unwrap_or_else(|e| panic!("bind backend {bind}: {e}"));
         let addr = listener.local_addr().unwrap();
         let accepts = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
