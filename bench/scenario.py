@@ -89,6 +89,7 @@ def start_sluicegate(procs: B.Processes, work: Path, key: str, label: str, port:
     d.mkdir(parents=True, exist_ok=True)
     if not exe.is_file():
         raise B.BenchError(f"{exe} missing: build it with `cargo build --release -p sluicegate`")
+    exe = exe.resolve()  # the process runs in its work dir
     cfg = d / "sluicegate.toml"
     cfg.write_text(toml)
     t = B.Target(key, label, port)
