@@ -11,7 +11,7 @@
 #   reload    filter hot-swap latency under load vs nginx reload (bench/reload.py)
 #   cache     cache hits vs nginx proxy_cache (bench/cache_bench.py via run.sh --cache), if present
 #   languages per-language filter cost (bench/languages.py), if present
-#   profile   perf profile of the plain proxy (bench/profile.py)
+#   profile   perf profile of the plain proxy (bench/perf_profile.py)
 # then bench/report.py writes docs/benchmarks.md from whatever succeeded.
 #
 # Each scenario has a time limit and a failure does not stop the others; bench/out/all-status.tsv
@@ -133,7 +133,7 @@ if ! command -v perf >/dev/null; then
       { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends linux-perf >/dev/null; }; } || true
 fi
 if command -v perf >/dev/null; then
-    step profile 600 python3 "$BENCH/profile.py" --seconds 10
+    step profile 600 python3 "$BENCH/perf_profile.py" --seconds 10
 else
     skip profile "perf not installable (Debian linux-perf)"
 fi

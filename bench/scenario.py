@@ -1,4 +1,4 @@
-"""Shared pieces of the extra benchmark scenarios (memory.py, reload.py, profile.py).
+"""Shared pieces of the extra benchmark scenarios (memory.py, reload.py, perf_profile.py).
 
 They reuse bench.py's process management, config generators and parsing (`import bench as B`), and
 add what a scenario needs on top: starting the shared nginx backend and a proxy in one call, the

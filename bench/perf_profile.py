@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Profile Sluicegate's plain proxy hot path with perf, under wrk load.
 
-    python3 bench/profile.py [--seconds 10] [--callgraph] [--sluicegate PATH]
+    python3 bench/perf_profile.py [--seconds 10] [--callgraph] [--sluicegate PATH]
 
 Starts bench.py's nginx backend and Sluicegate (one worker, one route, no filters), runs
 `wrk -t1 -c50` against it, and meanwhile `perf record` on the Sluicegate process only (flat
@@ -43,6 +43,20 @@ def parse_rows(report: str) -> list[tuple[float, str]]:
         if m and not line.lstrip().startswith("#"):
             rows.append((float(m.group(1)), m.group(2)))
     return rows
+
+
+def group_symbols(rows: list[tuple[float, str]]) -> list[tuple[str, float]]:
+    """Self time summed by component: kernel, allocator, libc, hyper, tokio, our code, ..."""
+    cats = [("kernel", lambda n: "[k]" in n), ("mimalloc", lambda n: "mi_" in n),
+            ("libc (memcpy/memmove)", lambda n: n.startswith("libc")),
+            ("hyper + hyper-util", lambda n: "hyper" in n), ("tokio/mio", lambda n: "tokio" in n or "mio::" in n),
+            ("sluicegate host code", lambda n: "sluicegate::" in n),
+            ("http/httparse/bytes", lambda n: any(x in n for x in ("http::", "httparse", "bytes::")))]
+    out: dict[str, float] = {}
+    for p, n in rows:
+        name = next((c for c, pred in cats if pred(n)), "other")
+        out[name] = out.get(name, 0) + p
+    return [(k, round(v, 1)) for k, v in sorted(out.items(), key=lambda kv: -kv[1])]
 
 
 def main() -> int:
@@ -91,13 +105,16 @@ def main() -> int:
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=900)
         (out / "children.txt").write_text(cg.stdout.decode(errors="replace"))
     rows = parse_rows(top)
+    every = parse_rows(subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort",
+                                       "dso,sym"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      timeout=600).stdout.decode(errors="replace"))
     kernel = sum(p for p, name in rows if "[k]" in name)
     dso_rows = parse_rows(dso)
     doc = {"scenario": "profile",
            "meta": S.meta(exe, busy, seconds=args.seconds),
            "kernel_pct": round(sum(p for p, n in dso_rows if "kernel" in n), 1),
            "kernel_pct_top_symbols": round(kernel, 1),
-           "by_dso": dso_rows[:10], "top_symbols": rows[:40], **results}
+           "by_dso": dso_rows[:10], "top_symbols": rows[:40], "groups": group_symbols(every), **results}
     md = ["# Profile of the plain proxy (perf, self time)\n",
           f"kernel share {doc['kernel_pct']}% · wrk while profiling: {results['wrk_flat']['rps']:,.0f} rps\n",
           "| % | symbol |", "|--:|---|", *(f"| {p:.1f} | `{n}` |" for p, n in rows[:30]), ""]
