@@ -360,6 +360,11 @@ class Report:
                 rows.append({"label": f"{s['label']} p50", "value": s["p50_ms"], "lo": s["min_ms"],
                              "hi": s["p99_ms"], "color": color, "text": f"{s['p50_ms']:.0f} ms"})
         self.L.append("")
+        hw = t.get("sluicegate", {}).get("host_reload_ms")
+        if hw:
+            self.L.append(f"Sluicegate's own log says a reload (hash, compile, instantiate, swap) took "
+                          f"{hw['median']:.0f} ms median ({hw['min']:.0f}–{hw['max']:.0f}); the rest of the latency "
+                          "is the file watch, the 10 ms debounce and the next request.\n")
         self.L.append("*failed*: non-200, wrong body, or an error on a fresh connection (must be 0). "
                       "*reconnects*: the proxy closed an idle kept-alive connection between two requests "
                       "and the client reconnected (nginx's old worker does that after a reload).\n")
