@@ -51,6 +51,7 @@ printf 'scenario\tstatus\tseconds\tnote\n' >"$STATUS"
 
 # Whatever a scenario recorded in a pid file and left running (it was killed hard): stop it.
 cleanup() {
+    local f pid name
     for f in "$OUT"/work/pids "$OUT"/*/work/pids; do
         [ -f "$f" ] || continue
         while read -r pid name; do

@@ -461,15 +461,21 @@ PROFILE_READING = """**Reading** (from the profile of 2026-11-23, loaded machine
   (client and upstream), `epoll_wait` only about once per 20 requests (readiness is batched). nginx
   makes the same 4 calls plus a `getsockopt` per upstream request. There is no syscall to save.
 - User time is spread over hyper's HTTP/1 codec and dispatcher, tokio, mimalloc, `memcpy`/`memmove`
-  (hyper copying the response head and body into its write buffer, and moves of request futures)
   and `http`/`httparse`; Sluicegate's own code (`journey`, header rules, routing, balancing) is about
-  5% self time, no symbol of it above 3%. Nothing in the host's plain path dominates, so no host
-  change was made on this evidence: a saving of a few allocations per request (e.g. the `Via` and
-  `X-Forwarded-For` strings, the `Host` copy used for routing) would be well under 1% and not
-  measurable on this machine.
-- Candidates for the owners of those files: `upstream.rs` clones the request head (`HeaderMap`,
-  `Uri`) for every replayable request while a retry may follow (`retries` defaults to 2), i.e. on
-  every GET; the peak-EWMA balancer calls `exp()` per request (0.3%).
+  5% self time, no symbol of it above 3%.
+- The largest single user-space item, `memmove` (~5%), is mostly moves of big futures, found in the
+  binary: per request, hyper's `recv_msg` allocates and copies Sluicegate's service future
+  (`server.rs`'s `Box::pin(async move { proxy.handle(..) })`, **4,544 bytes**: `handle` → `journey`
+  → `forward` → `UpstreamClient::forward` nested inline), and hyper-util's `Client::request` boxes a
+  3,160-byte future; the dispatcher also copies the response head into its write buffer. Shrinking
+  the service future (boxing the filter-only branches of `journey`, or the upstream call) would cut
+  that copy, but the gain (~1–2%) is below what this machine can resolve between two builds, so it
+  is left as a measured lead rather than a change.
+- No other host-code item dominates; saving the few per-request allocations (the `Via` and
+  `X-Forwarded-For` strings, the `Host` copy used for routing) would be well under 1%. For the
+  owners of `upstream.rs`/`balance/`: the request head (`HeaderMap`, `Uri`) is cloned for every
+  replayable request while a retry may follow (`retries` defaults to 2), i.e. on every GET; the
+  peak-EWMA balancer calls `exp()` per request (0.3%).
 """
 
 MEMORY_READING = """**Reading**: idle, Sluicegate is close to nginx (its extra megabytes are the tokio runtime,
