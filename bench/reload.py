@@ -302,8 +302,13 @@ def main() -> int:
         }
     # What the host itself reports per reload (hash, compile, instantiate, swap): the rest of the
     # latency is the file watch, the 10 ms debounce and the next request.
-    work_ms = [int(m) for m in re.findall(r"filters reloaded ms=(\d+)", B.tail(sg.procs[0].log, 100000))]
+    work_ms = [int(m) for m in re.findall(r"filters reloaded ms=(\d+)", B.tail(sg.procs[0].log, 100000))
+               if int(m) > 0]  # 0: a burst that changed nothing (the temp file alone)
     summary["sluicegate"]["host_reload_ms"] = S.median_spread(work_ms[-reloads:]) if work_ms else None
+    # A filter call that overran its time limit answers 500 (fail_closed): on a starved machine that
+    # happens without any reload; counted apart so a failure can be told from a reload problem.
+    summary["sluicegate"]["filter_timeouts"] = len(re.findall(r"filter call failed .*timed out",
+                                                              B.tail(sg.procs[0].log, 100000)))
     ratios = {}
     if "nginx" in summary and summary["nginx"]["p50_ms"] and summary["sluicegate"]["p50_ms"]:
         ratios = {"p50": summary["sluicegate"]["p50_ms"] / summary["nginx"]["p50_ms"],
@@ -344,6 +349,10 @@ def render_md(doc: dict) -> str:
     if hw:
         L.append(f"\nSluicegate's own log: a reload (hash, compile, instantiate, swap) took {hw['median']:.0f} ms "
                  f"median ({hw['min']:.0f}–{hw['max']:.0f}); the rest is the file watch, the debounce and the next request.")
+    ft = doc["targets"]["sluicegate"].get("filter_timeouts")
+    if ft:
+        L.append(f"\n⚠ {ft} filter call(s) overran the filter time limit (logged `timed out`): those answer 500 "
+                 "(fail_closed) whether or not a reload is happening; see the errors in results.json.")
     if r:
         L.append(f"\nsluicegate / nginx: p50 {r['p50']:.2f}, p99 {r['p99']:.2f} (lower is faster)")
     L.append("")

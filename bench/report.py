@@ -178,6 +178,8 @@ class Report:
         self.versions: dict[str, str] = {}
         self.loads: list[str] = []
         self.goals: dict[str, tuple[str, str]] = {}
+        self.worst_foreign = 0.0   # most CPU used by processes outside the benchmark, any scenario
+        self.quick = False
         self.status = self.read_status()
 
     def read_status(self) -> dict[str, dict]:
@@ -207,6 +209,8 @@ class Report:
         meta, summary, runs = doc["meta"], doc["targets"], doc["runs"]
         self.note_meta(name, meta)
         foreign = [r.get("foreign_cpu_pct", 0) for rs in runs.values() for r in rs]
+        self.worst_foreign = max([self.worst_foreign, statistics.median(foreign)])
+        self.quick |= bool(meta.get("quick"))
         self.loads.append(f"{name}: CPU busy before {meta.get('cpu_busy_before_pct', '?')}%, other processes used "
                           f"{statistics.median(foreign):.0f}% of the machine (median run), "
                           f"{max(foreign):.0f}% at most; {meta.get('reruns_for_foreign_load', 0)} runs measured again")
@@ -292,6 +296,10 @@ class Report:
         meta, t = doc["meta"], doc["targets"]
         self.note_meta("memory", meta)
         n = meta["connections"]
+        fr = [r.get("foreign_cpu_pct", 0) for rs in doc.get("runs", {}).values() for r in rs]
+        if fr:
+            self.loads.append(f"memory: other processes used {statistics.median(fr):.0f}% of the machine "
+                              f"(median round), {max(fr):.0f}% at most (memory figures are not CPU-bound)")
         self.L.append(f"{meta['date']} · one worker each · {meta['rounds']} interleaved rounds · RSS summed over "
                       f"each target's processes (nginx: master + worker), MiB\n")
         ng = t.get("nginx")
@@ -365,6 +373,14 @@ class Report:
             self.L.append(f"Sluicegate's own log says a reload (hash, compile, instantiate, swap) took "
                           f"{hw['median']:.0f} ms median ({hw['min']:.0f}–{hw['max']:.0f}); the rest of the latency "
                           "is the file watch, the 10 ms debounce and the next request.\n")
+        sg = t.get("sluicegate", {})
+        if sg.get("failed"):
+            ft = sg.get("filter_timeouts")
+            self.L.append(f"⚠ Failed requests on Sluicegate: {'; '.join(sg.get('errors', [])[:3])}"
+                          + (f". The log shows {ft} filter call(s) over the filter time limit (default 10 ms, "
+                             "wall clock): on a CPU-starved machine the worker thread can be descheduled inside "
+                             "a filter call, which then answers 500 (fail_closed), reload or not." if ft else "")
+                          + "\n")
         self.L.append("*failed*: non-200, wrong body, or an error on a fresh connection (must be 0). "
                       "*reconnects*: the proxy closed an idle kept-alive connection between two requests "
                       "and the client reconnected (nginx's old worker does that after a reload).\n")
@@ -584,6 +600,13 @@ def build(out: Path, doc_path: Path) -> str:
         st, detail = rep.goals.get(key, ("not measured", ""))
         G.append(f"| {text} | {'✅ met' if st == 'met' else ('❌ not met' if st == 'not met' else st)} | {detail} |")
     G.append("")
+    if rep.worst_foreign > 10 or rep.quick:
+        G[0:0] = [f"> ⚠ **Indicative only.** This page comes from a "
+                  f"{'quick run (few, short rounds) ' if rep.quick else 'run '}"
+                  + (f"on a busy machine: in the median run other processes used {rep.worst_foreign:.0f}% of it "
+                     "(see *Machine, load and versions*). " if rep.worst_foreign > 10 else "")
+                  + "Ratios from the same run still compare the targets under equal conditions, but re-run "
+                  "`bash bench/run.sh --all` on a quiet machine before quoting any figure.\n"]
     L[goals_at:goals_at] = G
 
     L.append(SETUP)
