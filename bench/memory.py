@@ -264,6 +264,9 @@ def main() -> int:
             "after_close_rss_mb": S.median_spread([r["after_close_rss_mb"] for r in rs]),
             "per_conn_kb": S.median_spread([r["per_conn_kb"] for r in rs]),
             "failed_requests": sum(r["failed_first"] + r["failed_second"] for r in rs),
+            # 500s from filter calls over the filter time limit (a starved machine), logged by the host
+            "filter_timeouts": sum(B.tail(p.log, 100000).count("timed out after") for p in targets[key].procs)
+            if key.startswith("sluicegate") else 0,
             "foreign_cpu_pct": S.median_spread([r["foreign_cpu_pct"] for r in rs]),
         }
 

@@ -303,7 +303,7 @@ class Report:
         self.L.append(f"{meta['date']} · one worker each · {meta['rounds']} interleaved rounds · RSS summed over "
                       f"each target's processes (nginx: master + worker), MiB\n")
         ng = t.get("nginx")
-        self.L.append(f"| target | idle at start | idle after load | − nginx | {n:,} conns (min–max) | × nginx | "
+        self.L.append(f"| target | idle at start | idle after load | − nginx (× nginx) | {n:,} conns (min–max) | × nginx | "
                       f"KB per conn | failed requests |")
         self.L.append("|---|--:|--:|--:|--:|--:|--:|--:|")
         rows_idle, rows_held = [], []
@@ -315,17 +315,24 @@ class Report:
                               "text": f"{s['idle_after_load']['rss_mb']:.1f} MB"})
             if "skipped" in s:
                 self.L.append(f"| {s['label']} | {f1(s['idle_start']['rss_mb'])} | {f1(s['idle_after_load']['rss_mb'])} | "
-                              f"{'' if d is None else f'{d:+.1f}'} | — ({s['skipped']}) | | | |")
+                              f"{'' if d is None else idle_vs(s, ng)} | — ({s['skipped']}) | | | |")
                 continue
             h = s["held_rss_mb"]
             x = per_round(runs, key, "nginx", "held_rss_mb") if ng and key != "nginx" else None
             self.L.append(f"| {'**' + s['label'] + '**' if is_sluicegate(key) else s['label']} | "
                           f"{f1(s['idle_start']['rss_mb'])} | {f1(s['idle_after_load']['rss_mb'])} | "
-                          f"{'' if d is None or key == 'nginx' else f'{d:+.1f}'} | {sp(h, f1)} | {sp(x, f1)} | "
+                          f"{'' if d is None or key == 'nginx' else idle_vs(s, ng)} | {sp(h, f1)} | {sp(x, f1)} | "
                           f"{f1(s['per_conn_kb']['median'])} | {s['failed_requests']}{' ⚠' if s['failed_requests'] else ''} |")
             rows_held.append({"label": s["label"], "value": h["median"], "lo": h["min"], "hi": h["max"],
                               "color": color, "text": f"{h['median']:.0f} MB"})
         self.L.append("")
+        for key, s in t.items():
+            if s.get("failed_requests"):
+                ft = s.get("filter_timeouts")
+                self.L.append(f"⚠ {s['label']}: {s['failed_requests']} failed requests"
+                              + (f"; its log shows {ft} filter call(s) over the filter time limit (fail_closed "
+                                 "answers 500; the limit is wall-clock time, which a starved machine eats)"
+                                 if ft else "") + ".\n")
         self.L.append("*idle after load*: after 1 s of `wrk -c50` and a pause. *KB per conn*: (RSS with the "
                       "connections − idle after load) ÷ connections. Every connection carried a request before "
                       "and after the measurement (all must answer 200).\n")
@@ -436,6 +443,11 @@ class Report:
             kind, sym = (("kernel" if m.group(2) == "k" else m.group(1)), m.group(3)) if m else ("", n)
             self.L.append(f"| {p:.1f} | `{sym[:110]}` ({kind}) |")
         self.L.append("")
+
+
+def idle_vs(s: dict, ng: dict) -> str:
+    a, b = s["idle_after_load"]["rss_mb"], ng["idle_after_load"]["rss_mb"]
+    return f"{a - b:+.1f} (×{a / b:.2f})" if b else f"{a - b:+.1f}"
 
 
 def group_symbols(rows: list) -> list[tuple[str, float]]:
