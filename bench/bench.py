@@ -764,8 +764,8 @@ def main() -> int:
         port = next(ports)
         d = work / key
         d.mkdir()
-        t = Target(key, LABELS[key], port, filtered=key in ("sluicegate-filter", "sluicegate-3filters",
-                                                                     "envoy-wasm"))
+        filtered = key in ("sluicegate-filter", "sluicegate-3filters", "envoy-wasm")
+        t = Target(key, LABELS[key], port, filtered=filtered)
         timeout = 15.0
         if key in ("sluicegate", "sluicegate-filter", "sluicegate-3filters"):
             exe = Path(args.sluicegate)
