@@ -491,6 +491,26 @@ response_headers = {{ "x-hello" = "world" }}
     return s
 
 
+THREE_FILTERS = ["add-header", "security-headers", "canary"]
+
+
+def three_filter_chain(conf: str, src: Path, filter_dir: Path) -> str:
+    """The add-header route of `sluicegate_conf` turned into a chain of three cheap filters:
+    add-header (request + response headers), security-headers (four response headers, no CORS) and
+    canary (reads a header and a cookie; weight 0, so every request stays on its upstream)."""
+    for name in THREE_FILTERS[1:]:
+        wasm = src / f"{name}.wasm"
+        if not wasm.is_file():
+            raise BenchError(f"{wasm} missing: build it with `bash scripts/build-filters.sh`")
+        shutil.copy2(wasm, filter_dir / f"{name}.wasm")
+    conf = conf.replace('filters = ["add-header"]', f"filters = {json.dumps(THREE_FILTERS)}", 1)
+    return conf + """
+[filters.config.canary]
+upstream = "app"
+weight_percent = 0
+"""
+
+
 # ---------------------------------------------------------------------------------------------
 # load generators and parsing
 
@@ -640,12 +660,14 @@ class CpuWatch:
 # main
 
 
-ALL_KEYS = ["direct", "sluicegate", "sluicegate-filter", "nginx", "haproxy", "envoy", "envoy-wasm"]
+ALL_KEYS = ["direct", "sluicegate", "sluicegate-filter", "sluicegate-3filters", "nginx", "haproxy", "envoy",
+            "envoy-wasm"]
 
 LABELS = {
     "direct": "direct (nginx backend)",
     "sluicegate": "sluicegate",
     "sluicegate-filter": "sluicegate + add-header",
+    "sluicegate-3filters": "sluicegate + 3 filters",
     "nginx": "nginx",
     "haproxy": "haproxy",
     "envoy": "envoy",
@@ -749,14 +771,15 @@ def main() -> int:
         port = next(ports)
         d = work / key
         d.mkdir()
-        t = Target(key, LABELS[key], port, filtered=key in ("sluicegate-filter", "envoy-wasm"))
+        filtered = key in ("sluicegate-filter", "sluicegate-3filters", "envoy-wasm")
+        t = Target(key, LABELS[key], port, filtered=filtered)
         timeout = 15.0
-        if key in ("sluicegate", "sluicegate-filter"):
+        if key in ("sluicegate", "sluicegate-filter", "sluicegate-3filters"):
             exe = Path(args.sluicegate)
             if not exe.is_file():
                 raise BenchError(f"{exe} missing: build it with `cargo build --release -p sluicegate`")
             filter_dir = None
-            if key == "sluicegate-filter":
+            if key in ("sluicegate-filter", "sluicegate-3filters"):
                 wasm = Path(args.add_header_wasm)
                 if not wasm.is_file():
                     raise BenchError(f"{wasm} missing: build it with `bash scripts/build-filters.sh`")
@@ -769,6 +792,8 @@ def main() -> int:
             if key == "sluicegate" and args.h2:
                 t.h2_port = port  # h2c prior knowledge on the same listener, if the host speaks it
             env = dict(os.environ, NO_COLOR="1")  # plain logs in bench/out/work/*/sluicegate.log
+            if key == "sluicegate-3filters":
+                cfg.write_text(three_filter_chain(cfg.read_text(), Path(args.add_header_wasm).parent, filter_dir))
             t.procs.append(procs.spawn(key, [str(exe), "run", "--config", str(cfg)], d / "sluicegate.log",
                                        env=env, match="sluicegate"))
             timeout = 60.0
@@ -941,6 +966,10 @@ def main() -> int:
          "filter cost; 1.0 = free"),
         ("sluicegate+filter / sluicegate, p99", "sluicegate-filter", "sluicegate", "p99_ms",
          "filter cost; 1.0 = free"),
+        ("sluicegate+3 filters / sluicegate, rps", "sluicegate-3filters", "sluicegate", "rps",
+         "3-filter chain cost; 1.0 = free"),
+        ("sluicegate+3 filters / sluicegate, p99", "sluicegate-3filters", "sluicegate", "p99_ms",
+         "3-filter chain cost; 1.0 = free"),
         ("sluicegate+filter / envoy+wasm, rps", "sluicegate-filter", "envoy-wasm", "rps", "higher is better"),
         ("sluicegate+filter / envoy+wasm, p99", "sluicegate-filter", "envoy-wasm", "p99_ms", "lower is better"),
         ("envoy+wasm / envoy, rps", "envoy-wasm", "envoy", "rps", "Envoy's filter cost, for comparison"),

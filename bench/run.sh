@@ -16,6 +16,9 @@ BENCH="$ROOT/bench"
 cd "$ROOT"
 export DEBIAN_FRONTEND=noninteractive
 
+# --all: every scenario, then docs/benchmarks.md (bench/all.sh; it calls this script per scenario).
+for a in "$@"; do [ "$a" != --all ] || exec bash "$BENCH/all.sh" "$@"; done
+
 log() { echo "[bench] $*" >&2; }
 die() { echo "[bench] FAILED: $*" >&2; exit 1; }
 
