@@ -7,6 +7,7 @@
 mod common;
 
 mod balance;
+mod cache;
 mod config;
 mod filters;
 mod proxy;
