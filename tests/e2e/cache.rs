@@ -96,18 +96,31 @@ impl Origin {
     }
 
     fn last(&self) -> Seen {
-        self.seen.lock().unwrap().last().cloned().expect("a request")
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a request")
     }
 }
 
 async fn answer(script: Script, n: usize, req: &HeaderMap, method: &Method) -> Response<RespBody> {
     tokio::time::sleep(script.delay).await;
-    let header = |name: &str| script.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+    let header = |name: &str| {
+        script
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    };
     let inm = req.get("if-none-match").and_then(|v| v.to_str().ok());
     let ims = req.get("if-modified-since").and_then(|v| v.to_str().ok());
     let not_modified = script.conditional
         && ((inm.is_some() && inm == header("etag").map(|s| s.as_str()))
-            || (inm.is_none() && ims.is_some() && ims == header("last-modified").map(|s| s.as_str())));
+            || (inm.is_none()
+                && ims.is_some()
+                && ims == header("last-modified").map(|s| s.as_str())));
     let mut resp = if not_modified {
         let mut r = Response::new(full(Bytes::new()));
         *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -128,7 +141,10 @@ async fn answer(script: Script, n: usize, req: &HeaderMap, method: &Method) -> R
     } else {
         let mut text = format!("{} n={n} method={method}", script.body);
         for name in &script.reflect {
-            let v = req.get(name.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("-");
+            let v = req
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
             text += &format!(" {name}={v}");
         }
         let mut r = Response::new(full(text));
@@ -280,14 +296,20 @@ async fn no_cache_is_stored_but_revalidated_every_time() {
     let b = get(&p, "/nc", &[]).await;
     assert_eq!(o.requests(), 2, "no-cache: every use goes to the origin");
     assert_eq!(
-        o.last().headers.get("if-none-match").map(|v| v.to_str().unwrap()),
+        o.last()
+            .headers
+            .get("if-none-match")
+            .map(|v| v.to_str().unwrap()),
         Some("\"v1\""),
         "the revalidation is conditional"
     );
     assert_eq!(b.status, StatusCode::OK);
     assert_eq!(b.body, a.body, "304: the stored body is served");
     let s = status(&b);
-    assert!(s.contains("fwd=stale") && s.contains("fwd-status=304"), "{s}");
+    assert!(
+        s.contains("fwd=stale") && s.contains("fwd-status=304"),
+        "{s}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,13 +326,20 @@ async fn private_is_not_stored_by_a_shared_cache() {
 async fn must_revalidate_is_never_served_stale() {
     // The route would serve stale on error, but the response forbids it.
     let o = Origin::start(Script::new("max-age=1, must-revalidate")).await;
-    let p = proxy(&o, "{ stale_if_error_s = 60, stale_while_revalidate_s = 60 }", "");
+    let p = proxy(
+        &o,
+        "{ stale_if_error_s = 60, stale_while_revalidate_s = 60 }",
+        "",
+    );
     get(&p, "/m", &[]).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     o.set(|s| s.status = 500);
     let b = get(&p, "/m", &[]).await;
     assert_eq!(b.status, StatusCode::INTERNAL_SERVER_ERROR, "{b:?}");
-    assert!(b.text().contains("n=2"), "the origin's error, not the stale body");
+    assert!(
+        b.text().contains("n=2"),
+        "the origin's error, not the stale body"
+    );
     assert_eq!(o.requests(), 2);
 }
 
@@ -321,7 +350,11 @@ async fn authorization_responses_are_shared_only_when_allowed() {
     let auth = [("authorization", "Bearer alice")];
     get(&p, "/a", &auth).await;
     get(&p, "/a", &auth).await;
-    assert_eq!(o.requests(), 2, "max-age alone: not stored for a request with Authorization");
+    assert_eq!(
+        o.requests(),
+        2,
+        "max-age alone: not stored for a request with Authorization"
+    );
     o.set(|s| s.headers = vec![("cache-control".into(), "public, max-age=60".into())]);
     get(&p, "/pub", &auth).await;
     assert_hit(&get(&p, "/pub", &auth).await);
@@ -347,7 +380,10 @@ async fn age_counts_the_origins_age_and_time_in_cache() {
         .nth(1)
         .and_then(|t| t.parse().ok())
         .expect("a ttl");
-    assert!((46..=49).contains(&ttl), "ttl counts the origin's age: {ttl}");
+    assert!(
+        (46..=49).contains(&ttl),
+        "ttl counts the origin's age: {ttl}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,7 +399,11 @@ async fn vary_variants_are_stored_apart() {
     let br2 = get(&p, "/v", &[("accept-encoding", "br")]).await;
     assert_hit(&gz2);
     assert_hit(&br2);
-    assert!(gz2.text().contains("accept-encoding=gzip"), "{}", gz2.text());
+    assert!(
+        gz2.text().contains("accept-encoding=gzip"),
+        "{}",
+        gz2.text()
+    );
     assert!(br2.text().contains("accept-encoding=br"), "{}", br2.text());
     assert_eq!((gz2.body.clone(), br2.body.clone()), (gz.body, br.body));
     assert_eq!(o.requests(), 2);
@@ -411,7 +451,10 @@ async fn last_modified_revalidation_merges_the_304() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let b = get(&p, "/lm", &[]).await;
     assert_eq!(
-        o.last().headers.get("if-modified-since").map(|v| v.to_str().unwrap()),
+        o.last()
+            .headers
+            .get("if-modified-since")
+            .map(|v| v.to_str().unwrap()),
         Some(lm.as_str())
     );
     assert_eq!(b.body, a.body);
@@ -421,7 +464,11 @@ async fn last_modified_revalidation_merges_the_304() {
     o.set(|s| s.conditional = false);
     let c = get(&p, "/lm", &[]).await;
     assert!(c.text().contains("n=3"), "{}", c.text());
-    assert!(status(&c).contains("fwd-status=200; stored"), "{}", status(&c));
+    assert!(
+        status(&c).contains("fwd-status=200; stored"),
+        "{}",
+        status(&c)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,17 +488,39 @@ async fn unsafe_methods_invalidate_the_url_and_its_location() {
     )
     .await;
     assert!(status(&post).contains("fwd=method"), "{}", status(&post));
+    assert_eq!(
+        (o.last().method.as_str(), o.last().uri.as_str()),
+        ("POST", "/items")
+    );
     o.set(|s| s.headers.retain(|(k, _)| k != "location"));
     let items = get(&p, "/items", &[]).await;
-    assert!(status(&items).contains("fwd=uri-miss"), "{}", status(&items));
+    assert!(
+        status(&items).contains("fwd=uri-miss"),
+        "{}",
+        status(&items)
+    );
     let item = get(&p, "/items/7", &[]).await;
-    assert!(status(&item).contains("fwd=uri-miss"), "Location invalidated: {}", status(&item));
+    assert!(
+        status(&item).contains("fwd=uri-miss"),
+        "Location invalidated: {}",
+        status(&item)
+    );
     assert_hit(&get(&p, "/other", &[]).await);
     // DELETE too; an error answer invalidates nothing.
-    within(10, "DELETE", p.request(Method::DELETE, "/items", &[], Bytes::new())).await;
+    within(
+        10,
+        "DELETE",
+        p.request(Method::DELETE, "/items", &[], Bytes::new()),
+    )
+    .await;
     assert!(status(&get(&p, "/items", &[]).await).contains("fwd=uri-miss"));
     o.set(|s| s.status = 500);
-    within(10, "PUT", p.request(Method::PUT, "/other", &[], Bytes::new())).await;
+    within(
+        10,
+        "PUT",
+        p.request(Method::PUT, "/other", &[], Bytes::new()),
+    )
+    .await;
     assert_hit(&get(&p, "/other", &[]).await);
 }
 
@@ -460,7 +529,12 @@ async fn head_is_answered_from_a_get_entry() {
     let o = Origin::start(Script::new("max-age=60")).await;
     let p = proxy(&o, "true", "");
     let a = get(&p, "/hd", &[]).await;
-    let h = within(10, "HEAD", p.request(Method::HEAD, "/hd", &[], Bytes::new())).await;
+    let h = within(
+        10,
+        "HEAD",
+        p.request(Method::HEAD, "/hd", &[], Bytes::new()),
+    )
+    .await;
     assert_hit(&h);
     assert!(h.body.is_empty());
     assert_eq!(
@@ -479,17 +553,32 @@ async fn cache_status_names_what_happened() {
         "sluicegate; fwd=uri-miss; fwd-status=200; stored"
     );
     let hit = status(&get(&p, "/cs", &[]).await);
-    assert!(hit == "sluicegate; hit; ttl=60" || hit == "sluicegate; hit; ttl=59", "{hit}");
-    let opts = within(10, "OPTIONS", p.request(Method::OPTIONS, "/cs", &[], Bytes::new())).await;
+    assert!(
+        hit == "sluicegate; hit; ttl=60" || hit == "sluicegate; hit; ttl=59",
+        "{hit}"
+    );
+    let opts = within(
+        10,
+        "OPTIONS",
+        p.request(Method::OPTIONS, "/cs", &[], Bytes::new()),
+    )
+    .await;
     assert_eq!(status(&opts), "sluicegate; fwd=method; fwd-status=200");
     let range = get(&p, "/cs", &[("range", "bytes=0-1")]).await;
     assert_eq!(status(&range), "sluicegate; fwd=bypass; fwd-status=200");
     let fresh = get(&p, "/cs", &[("cache-control", "no-cache")]).await;
-    assert_eq!(status(&fresh), "sluicegate; fwd=request; fwd-status=200; stored");
+    assert_eq!(
+        status(&fresh),
+        "sluicegate; fwd=request; fwd-status=200; stored"
+    );
     // An upstream cache's member comes first.
     o.set(|s| s.headers.push(("cache-status".into(), "edge; hit".into())));
     let r = get(&p, "/cs2", &[]).await;
-    assert!(status(&r).starts_with("edge; hit, sluicegate; fwd=uri-miss"), "{}", status(&r));
+    assert!(
+        status(&r).starts_with("edge; hit, sluicegate; fwd=uri-miss"),
+        "{}",
+        status(&r)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,7 +604,10 @@ async fn concurrent_misses_make_one_origin_request() {
         bodies.push(r.body);
     }
     assert_eq!(o.requests(), 1, "20 concurrent misses, one origin request");
-    assert!(bodies.iter().all(|b| b == &bodies[0]), "everyone got the same response");
+    assert!(
+        bodies.iter().all(|b| b == &bodies[0]),
+        "everyone got the same response"
+    );
     assert!(collapsed >= 15, "most waited for the leader: {collapsed}");
 }
 
@@ -538,11 +630,18 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
         );
         assert!(r.text().contains("n=1"), "the stale body: {}", r.text());
         let s = status(&r);
-        assert!(s.contains("hit") && s.contains("detail=stale-while-revalidate"), "{s}");
+        assert!(
+            s.contains("hit") && s.contains("detail=stale-while-revalidate"),
+            "{s}"
+        );
     }
     o.backend.wait_requests(2, 5).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(o.requests(), 2, "one background refresh for five stale hits");
+    assert_eq!(
+        o.requests(),
+        2,
+        "one background refresh for five stale hits"
+    );
     let fresh = get(&p, "/swr", &[]).await;
     assert_hit(&fresh);
     assert!(fresh.text().contains("n=2"), "refreshed: {}", fresh.text());
@@ -562,7 +661,11 @@ async fn stale_if_error_serves_stale_when_the_origin_fails() {
     for path in ["/sie", "/d"] {
         let r = get(&p, path, &[]).await;
         assert_eq!(r.status, StatusCode::OK, "{path}: {r:?}");
-        assert!(r.text().contains("n=1") || r.text().contains("n=2"), "{}", r.text());
+        assert!(
+            r.text().contains("n=1") || r.text().contains("n=2"),
+            "{}",
+            r.text()
+        );
         let s = status(&r);
         assert!(
             s.contains("fwd=stale; fwd-status=503") && s.contains("detail=stale-if-error"),
@@ -575,7 +678,10 @@ async fn stale_if_error_serves_stale_when_the_origin_fails() {
     get(&q, "/d", &[]).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     o.set(|s| s.status = 503);
-    assert_eq!(get(&q, "/d", &[]).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        get(&q, "/d", &[]).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -640,8 +746,14 @@ async fn purge_exact_url_and_prefix() {
     let purge = |q: &'static str, body: &'static str| {
         let addr = p.admin_addr();
         async move {
-            let r = client::request(addr, Method::POST, q, &[], Bytes::from_static(body.as_bytes()))
-                .await;
+            let r = client::request(
+                addr,
+                Method::POST,
+                q,
+                &[],
+                Bytes::from_static(body.as_bytes()),
+            )
+            .await;
             assert_eq!(r.status, StatusCode::OK, "{r:?}");
             serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()
         }
@@ -654,7 +766,14 @@ async fn purge_exact_url_and_prefix() {
     assert_eq!(r["purged"], 2, "{r}");
     assert!(status(&get(&p, "/a/2", &[]).await).contains("fwd=uri-miss"));
     assert_hit(&get(&p, "/b/1", &[]).await);
-    let bad = client::request(p.admin_addr(), Method::POST, "/cache/purge", &[], Bytes::from_static(b"{}")).await;
+    let bad = client::request(
+        p.admin_addr(),
+        Method::POST,
+        "/cache/purge",
+        &[],
+        Bytes::from_static(b"{}"),
+    )
+    .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     let st = cache_stats(&p).await;
     assert!(st["hits"].as_u64().unwrap() >= 5, "{st}");
@@ -671,7 +790,10 @@ async fn purge_exact_url_and_prefix() {
 
 /// The built filters (`scripts/build-filters.sh`).
 fn wasm(name: &str) -> Vec<u8> {
-    let path = format!("{}/../target/filters/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/../target/filters/{name}.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    );
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (run scripts/build-filters.sh)"))
 }
 
@@ -706,10 +828,21 @@ api_keys = ["k1"]
     assert_stored_miss(&a);
     let b = get(&p, "/secret", &key).await;
     assert_hit(&b);
-    assert_eq!(b.header("x-hello").as_deref(), Some("world"), "response filter ran on the hit");
+    assert_eq!(
+        b.header("x-hello").as_deref(),
+        Some("world"),
+        "response filter ran on the hit"
+    );
     let denied = get(&p, "/secret", &[]).await;
-    assert_eq!(denied.status, StatusCode::UNAUTHORIZED, "cached, yet no key, no content");
-    assert!(denied.header("cache-status").is_none(), "never reached the cache");
+    assert_eq!(
+        denied.status,
+        StatusCode::UNAUTHORIZED,
+        "cached, yet no key, no content"
+    );
+    assert!(
+        denied.header("cache-status").is_none(),
+        "never reached the cache"
+    );
     assert_eq!(o.requests(), 1);
     // The store holds the origin's response, not the filtered one.
     assert!(!o.last().headers.contains_key("x-hello"));
@@ -741,13 +874,32 @@ async fn unkeyed_request_headers_cannot_poison_an_entry() {
     )
     .await;
     assert!(!attack.text().contains("evil"), "{}", attack.text());
-    assert!(attack.text().contains("x-forwarded-host=localhost"), "{}", attack.text());
-    assert!(attack.text().contains("x-original-url=-"), "{}", attack.text());
-    assert!(attack.text().contains("x-http-method-override=-"), "{}", attack.text());
-    assert!(attack.text().contains("x-forwarded-scheme=-"), "{}", attack.text());
+    assert!(
+        attack.text().contains("x-forwarded-host=localhost"),
+        "{}",
+        attack.text()
+    );
+    assert!(
+        attack.text().contains("x-original-url=-"),
+        "{}",
+        attack.text()
+    );
+    assert!(
+        attack.text().contains("x-http-method-override=-"),
+        "{}",
+        attack.text()
+    );
+    assert!(
+        attack.text().contains("x-forwarded-scheme=-"),
+        "{}",
+        attack.text()
+    );
     let victim = get(&p, "/home", &[]).await;
     assert_hit(&victim);
-    assert_eq!(victim.body, attack.body, "the victim gets the clean stored response");
+    assert_eq!(
+        victim.body, attack.body,
+        "the victim gets the clean stored response"
+    );
     // A header the response varies on is keyed: its variant is apart.
     let themed = get(&p, "/home", &[("x-theme", "dark")]).await;
     assert!(themed.text().contains("x-theme=dark"));

@@ -155,7 +155,10 @@ const MAX_PURGE_BODY: usize = 64 * 1024;
 /// Serve `POST /cache/purge`.
 pub async fn purge_request(cache: &HttpCache, req: Request<Incoming>) -> Response<ProxyBody> {
     let query = req.uri().query().map(str::to_string);
-    let body = match Limited::new(req.into_body(), MAX_PURGE_BODY).collect().await {
+    let body = match Limited::new(req.into_body(), MAX_PURGE_BODY)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
     };

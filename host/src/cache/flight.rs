@@ -73,11 +73,9 @@ impl Follower {
     /// in time.
     pub async fn wait(mut self, limit: Duration) -> bool {
         // `changed` errs once the sender is dropped: that is the signal.
-        tokio::time::timeout(limit, async {
-            while self.0.changed().await.is_ok() {}
-        })
-        .await
-        .is_ok()
+        tokio::time::timeout(limit, async { while self.0.changed().await.is_ok() {} })
+            .await
+            .is_ok()
     }
 }
 

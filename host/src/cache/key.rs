@@ -49,7 +49,11 @@ pub fn request_host(parts: &Parts) -> Option<String> {
 /// `scheme://host/path?query`, or `None` without a host.
 pub fn primary_key(scheme: &str, parts: &Parts) -> Option<String> {
     let host = request_host(parts)?;
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     Some(format!("{scheme}://{host}{pq}"))
 }
 
@@ -65,7 +69,11 @@ pub fn origin_form(parts: &mut Parts) {
             parts.headers.insert(header::HOST, v);
         }
     }
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     if let Ok(uri) = pq.parse() {
         parts.uri = uri;
     }

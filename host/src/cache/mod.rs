@@ -57,7 +57,10 @@ impl HttpCache {
     /// The cache for `config`, keeping `previous`'s store and counters
     /// when the bounds did not change.
     pub fn new(config: &CacheConfig, previous: Option<&HttpCache>) -> HttpCache {
-        let bounds = (*config.max_bytes.get_ref(), *config.max_object_bytes.get_ref());
+        let bounds = (
+            *config.max_bytes.get_ref(),
+            *config.max_object_bytes.get_ref(),
+        );
         let store = match previous {
             Some(p) if p.store.bounds() == bounds => p.store.clone(),
             _ => {
@@ -77,9 +80,7 @@ impl HttpCache {
         stats.bytes.set(store.bytes() as f64);
         HttpCache {
             store,
-            flights: previous
-                .map(|p| p.flights.clone())
-                .unwrap_or_default(),
+            flights: previous.map(|p| p.flights.clone()).unwrap_or_default(),
             stats,
             settings: Settings {
                 max_variants: config.max_variants,

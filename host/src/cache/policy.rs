@@ -151,12 +151,19 @@ mod tests {
     #[test]
     fn variants_differ_only_by_vary_headers() {
         let resp = h(&[("vary", "Accept-Encoding, accept-language")]);
-        let a = variant_id("app", &h(&[("accept-encoding", "gzip"), ("x-y", "1")]), &resp);
+        let a = variant_id(
+            "app",
+            &h(&[("accept-encoding", "gzip"), ("x-y", "1")]),
+            &resp,
+        );
         let b = variant_id("app", &h(&[("accept-encoding", "gzip")]), &resp);
         let c = variant_id("app", &h(&[("accept-encoding", "br")]), &resp);
         assert_eq!(a, b);
         assert_ne!(a, c);
-        assert_ne!(a, variant_id("canary", &h(&[("accept-encoding", "gzip")]), &resp));
+        assert_ne!(
+            a,
+            variant_id("canary", &h(&[("accept-encoding", "gzip")]), &resp)
+        );
     }
 
     #[test]

@@ -68,7 +68,11 @@ impl HttpCache {
             }
         };
         let origin = origin();
-        let fwd = if wants_fresh { Fwd::Request } else { Fwd::Stale };
+        let fwd = if wants_fresh {
+            Fwd::Request
+        } else {
+            Fwd::Stale
+        };
         let (resp, _) = self
             .revalidate(cr, key, &entry, (parts, conditional), fwd, guard, &origin)
             .await;
@@ -129,7 +133,15 @@ impl HttpCache {
             upstream: &upstream,
         };
         let (resp, _) = self
-            .revalidate(&cr, key, &entry, (parts, conditional), Fwd::Stale, Some(guard), &origin)
+            .revalidate(
+                &cr,
+                key,
+                &entry,
+                (parts, conditional),
+                Fwd::Stale,
+                Some(guard),
+                &origin,
+            )
             .await;
         drain(resp.into_body()).await;
     }
@@ -220,9 +232,8 @@ impl Windows {
                 if_error: None,
             };
         }
-        let or_rule = |own: Option<Duration>, dflt: Duration| {
-            own.or((!dflt.is_zero()).then_some(dflt))
-        };
+        let or_rule =
+            |own: Option<Duration>, dflt: Duration| own.or((!dflt.is_zero()).then_some(dflt));
         Windows {
             while_revalidate: or_rule(entry.stale.while_revalidate, rule.stale_while_revalidate),
             if_error: or_rule(entry.stale.if_error, rule.stale_if_error),

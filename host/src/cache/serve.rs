@@ -71,13 +71,21 @@ impl HttpCache {
                     let (parts, _) = req.into_parts();
                     self.lookup(&cr, parts, origin).await
                 } else {
-                    pass(origin().fetch(req).await, &cr, CacheStatus::fwd(Fwd::Bypass))
+                    pass(
+                        origin().fetch(req).await,
+                        &cr,
+                        CacheStatus::fwd(Fwd::Bypass),
+                    )
                 }
             }
             Method::POST | Method::PUT | Method::DELETE | Method::PATCH => {
                 self.unsafe_request(&cr, req, origin).await
             }
-            _ => pass(origin().fetch(req).await, &cr, CacheStatus::fwd(Fwd::Method)),
+            _ => pass(
+                origin().fetch(req).await,
+                &cr,
+                CacheStatus::fwd(Fwd::Method),
+            ),
         }
     }
 

@@ -199,7 +199,10 @@ endpoints = ["127.0.0.1:9001"]
         let e = parse("[cache]\nmax_bytes = 100\n").unwrap_err();
         assert!(e.starts_with("c.toml: line 9: cache.max_bytes:"), "{e}");
         let e = parse("[cache]\nmax_bytes = 10000\nmax_object_bytes = 20000\n").unwrap_err();
-        assert!(e.starts_with("c.toml: line 10: cache.max_object_bytes:"), "{e}");
+        assert!(
+            e.starts_with("c.toml: line 10: cache.max_object_bytes:"),
+            "{e}"
+        );
         let e = parse("[[route]]\nupstream = \"app\"\ncache = { ttl = 3 }\n").unwrap_err();
         assert!(e.contains("ttl") && e.contains("line 10"), "{e}");
         let e = parse("[[route]]\nupstream = \"app\"\ncache = 3\n").unwrap_err();
