@@ -66,6 +66,11 @@ impl Flights {
     pub fn len(&self) -> usize {
         self.open.lock().len()
     }
+
+    /// No flight in progress?
+    pub fn is_empty(&self) -> bool {
+        self.open.lock().is_empty()
+    }
 }
 
 impl Follower {

@@ -255,6 +255,11 @@ impl Store {
         self.cache.len()
     }
 
+    /// Nothing stored?
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
     /// Bytes accounted.
     pub fn bytes(&self) -> u64 {
         self.cache.weight()
