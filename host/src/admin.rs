@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics` (Prometheus text),
-//! `/filters` and `/upstreams` (JSON). Bind it to loopback.
+//! `/filters`, `/upstreams` and `/cache` (JSON), `POST /cache/purge`. Bind
+//! it to loopback.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -38,7 +39,13 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req)) }
+                async move {
+                    if req.method() == Method::POST && req.uri().path() == "/cache/purge" {
+                        let cache = state.proxy.snapshot.load().cache.clone();
+                        return Ok(crate::cache::admin::purge_request(&cache, req).await);
+                    }
+                    Ok::<_, Infallible>(route(&state, req))
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -85,6 +92,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
             ups.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
             json(&serde_json::json!({ "upstreams": ups }))
         }
+        "/cache" => json(&state.proxy.snapshot.load().cache.stats_json()),
         _ => body::text_response(StatusCode::NOT_FOUND, "unknown admin endpoint"),
     }
 }

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod filter;

@@ -4,14 +4,16 @@
 //! 2. strip hop-by-hop headers; run the route's request filters in order
 //!    (they may edit the head, answer locally, or pick the upstream);
 //! 3. buffer the body only if a filter asked for it;
-//! 4. add `X-Forwarded-*` and `Via`; the balancer picks an endpoint and the
+//! 4. on a caching route, the cache answers (hit) or goes on to step 5 for
+//!    it (miss, revalidation; see `cache`);
+//! 5. add `X-Forwarded-*` and `Via`; the balancer picks an endpoint and the
 //!    pooled client sends the request (502 refused/broken, 504 slow);
-//! 5. run the response filters in reverse over the filters that ran
-//!    (local answers and errors included); strip hop-by-hop; add `Via`;
-//! 6. stream the body back (or pass a WebSocket through after `101`).
+//! 6. run the response filters in reverse over the filters that ran
+//!    (local answers, errors and cache hits included); strip hop-by-hop; add `Via`;
+//! 7. stream the body back (or pass a WebSocket through after `101`).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +26,8 @@ use hyper::body::Incoming;
 
 use crate::balance::{self, Upstream};
 use crate::body::{self, ProxyBody};
+use crate::cache::{CacheRequest, HttpCache, Origin, OriginFuture};
+use crate::config::CacheRule;
 use crate::config::Config;
 use crate::filter::chain::{Chain, RequestDecision};
 use crate::filter::host_api::{RequestHead, ResponseHead};
@@ -40,6 +44,8 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// Upstreams by name.
     pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    /// The HTTP cache (its store outlives reloads that keep its bounds).
+    pub cache: Arc<HttpCache>,
     /// Metric handles per route index; the last one counts unrouted requests.
     route_metrics: Vec<RouteMetrics>,
     /// What the endpoints given by name resolved to (see [`balance::dns`]).
@@ -97,9 +103,11 @@ impl Snapshot {
         }
         labels.push("none".to_string());
         let route_metrics = labels.iter().map(|l| RouteMetrics::new(l)).collect();
+        let cache = HttpCache::new(&config.cache, previous.map(|p| &*p.cache));
         Ok(Snapshot {
             routes,
             upstreams,
+            cache: Arc::new(cache),
             route_metrics,
             config: Arc::new(config),
             dns,
@@ -223,9 +231,20 @@ impl Proxy {
             Some(_) => head.parts.clone(),
             None => std::mem::replace(&mut head.parts, http::Request::new(()).into_parts().0),
         };
-        let resp = self
-            .forward(snap, upstream, parts, &head, req_body, upgrade.clone())
-            .await;
+        let cache_rule = snap
+            .config
+            .routes
+            .get(route.index)
+            .and_then(|r| r.cache_rule(&snap.config.cache));
+        let resp = match cache_rule {
+            Some(rule) if upgrade.is_none() => Ok(self
+                .through_cache(snap, rule, upstream, parts, &head, req_body)
+                .await),
+            _ => {
+                self.forward(snap, upstream, parts, &head, req_body, upgrade.clone())
+                    .await
+            }
+        };
         let resp = match (resp, client_upgrade) {
             (Ok(mut resp), Some(on_client)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 tunnel(hyper::upgrade::on(&mut resp), on_client);
@@ -253,40 +272,42 @@ impl Proxy {
         &self,
         snap: &Snapshot,
         upstream: &Upstream,
-        mut parts: http::request::Parts,
+        parts: http::request::Parts,
         head: &RequestHead,
         body: ProxyBody,
         upgrade: Option<HeaderValue>,
     ) -> Result<Response<ProxyBody>, ForwardError> {
-        let key = upstream.hash_key.as_ref().and_then(|k| {
-            balance::request_key(k, &parts.headers, parts.uri.path(), head.client.ip())
-        });
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        if let Some(h) = &host {
-            parts.headers.insert(header::HOST, h.clone());
-        }
-        headers::add_forwarded(
-            &mut parts.headers,
-            head.client.ip(),
-            head.scheme,
-            host.as_ref(),
-        );
-        headers::add_via(&mut parts.headers, parts.version, &snap.config.proxy.via);
-        if let Some(proto) = upgrade {
-            parts.headers.insert(header::UPGRADE, proto);
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        parts.version = Version::HTTP_11;
-        self.client
-            .forward(upstream, Request::from_parts(parts, body), key)
-            .await
+        let via = &snap.config.proxy.via;
+        let from = (head.client.ip(), head.scheme);
+        send_upstream(&self.client, upstream, via, from, parts, body, upgrade).await
+    }
+
+    /// A caching route: the cache answers, asking the upstream only when
+    /// it must (the origin is built only then).
+    async fn through_cache(
+        &self,
+        snap: &Snapshot,
+        rule: CacheRule,
+        upstream: &Arc<Upstream>,
+        parts: http::request::Parts,
+        head: &RequestHead,
+        body: ProxyBody,
+    ) -> Response<ProxyBody> {
+        let origin = || -> Arc<dyn Origin> {
+            Arc::new(UpstreamOrigin {
+                client: self.client.clone(),
+                upstream: upstream.clone(),
+                via: snap.config.proxy.via.clone(),
+                from: (head.client.ip(), head.scheme),
+            })
+        };
+        let cr = CacheRequest {
+            rule,
+            scheme: head.scheme,
+            upstream: &upstream.name,
+        };
+        let req = Request::from_parts(parts, body);
+        snap.cache.serve(cr, req, &origin).await
     }
 
     /// Buffer the request body (up to the limit) and run the body phase.
@@ -353,6 +374,67 @@ impl Proxy {
     }
 }
 
+/// Add the forwarding headers (`from`: the client's address and scheme)
+/// and send the request to an endpoint of `upstream`.
+async fn send_upstream(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    via: &str,
+    from: (IpAddr, &str),
+    mut parts: http::request::Parts,
+    body: ProxyBody,
+    upgrade: Option<HeaderValue>,
+) -> Result<Response<ProxyBody>, ForwardError> {
+    let key = upstream
+        .hash_key
+        .as_ref()
+        .and_then(|k| balance::request_key(k, &parts.headers, parts.uri.path(), from.0));
+    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(h) = &host {
+        parts.headers.insert(header::HOST, h.clone());
+    }
+    headers::add_forwarded(&mut parts.headers, from.0, from.1, host.as_ref());
+    headers::add_via(&mut parts.headers, parts.version, via);
+    if let Some(proto) = upgrade {
+        parts.headers.insert(header::UPGRADE, proto);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    parts.version = Version::HTTP_11;
+    client
+        .forward(upstream, Request::from_parts(parts, body), key)
+        .await
+}
+
+/// The route's upstream as the cache's origin: owned, so a background
+/// refresh can outlive the request.
+struct UpstreamOrigin {
+    client: UpstreamClient,
+    upstream: Arc<Upstream>,
+    via: String,
+    from: (IpAddr, &'static str),
+}
+
+impl Origin for UpstreamOrigin {
+    fn upstream(&self) -> &str {
+        &self.upstream.name
+    }
+
+    fn fetch(self: Arc<Self>, req: Request<ProxyBody>) -> OriginFuture {
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let o = &*self;
+            send_upstream(&o.client, &o.upstream, &o.via, o.from, parts, body, None).await
+        })
+    }
+}
+
 /// Collect a body up to `limit` bytes: 413 past it, 400 if it breaks.
 async fn collect_limited(mut body: ProxyBody, limit: usize) -> Result<Bytes, StatusCode> {
     let mut buf = bytes::BytesMut::new();
@@ -387,7 +469,7 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 }
 
 /// 502 or 504, with a log line giving the reason.
-fn error_response(upstream: &str, e: &ForwardError) -> Response<ProxyBody> {
+pub(crate) fn error_response(upstream: &str, e: &ForwardError) -> Response<ProxyBody> {
     tracing::warn!(upstream, error = %e, "upstream request failed");
     match e {
         ForwardError::Timeout { .. } => {

@@ -8,6 +8,7 @@ mod common;
 
 mod balance;
 mod balance_limits;
+mod cache;
 mod config;
 mod filters;
 mod proxy;

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod cache;
 mod upstream;
+pub use cache::*;
 pub use upstream::*;
 
 /// A configuration error: which file, which line, which key, and why.
@@ -62,6 +64,9 @@ pub struct Config {
     /// `[filters]`: the WebAssembly filter runtime.
     #[serde(default)]
     pub filters: FiltersConfig,
+    /// `[cache]`: the shared HTTP cache's bounds (used by routes with `cache`).
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// Where this config was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -156,6 +161,9 @@ pub struct RouteConfig {
     /// Filters run on this route: request phase in order, response reversed.
     #[serde(default)]
     pub filters: Vec<Spanned<String>>,
+    /// `cache = true` or `cache = { ... }`: store and serve responses (see docs/cache.md).
+    #[serde(default)]
+    pub cache: Option<Spanned<RouteCacheConfig>>,
 }
 
 fn default_prefix() -> String {
@@ -455,6 +463,7 @@ impl Validator<'_> {
                 return self.error(route.upstream.span(), format!("route[{i}].filters"), reason);
             }
         }
+        self.validate_cache(config)?;
         for (name, policy) in &config.filters.policy {
             if policy.timeout_ms == Some(0) || policy.memory_mb == Some(0) {
                 return self.error(

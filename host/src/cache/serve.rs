@@ -1,0 +1,321 @@
+//! The proxy-facing side of the cache: one request on a caching route,
+//! from lookup to the response the response filters will see.
+//!
+//! ```text
+//! GET/HEAD ─▶ key ─▶ variants ─▶ fresh?  ── yes ─▶ hit (Age, ttl)
+//!                        │          stale ─▶ see `revalidate`
+//!                        └─ none ─▶ coalesce ─▶ origin ─▶ admit (tee to store)
+//! POST/PUT/DELETE/PATCH ─▶ origin ─▶ 2xx/3xx: invalidate URL, Location, Content-Location
+//! anything else ─▶ origin (fwd=method)
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_cache_semantics::{BeforeRequest, CachePolicy};
+
+use super::key;
+use super::status::{CacheStatus, Fwd};
+use super::store::CachedResponse;
+use super::HttpCache;
+use super::{flight::Join, policy};
+use crate::body::{self, ProxyBody};
+use crate::config::CacheRule;
+use crate::upstream::ForwardError;
+
+/// What an origin fetch resolves to.
+pub type OriginFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ForwardError>> + Send>>;
+
+/// The route's upstream as the cache sees it. `'static`, so a background
+/// refresh can outlive the request that started it.
+pub trait Origin: Send + Sync + 'static {
+    /// The upstream's name (part of a variant's identity; error messages).
+    fn upstream(&self) -> &str;
+    /// Send this request (URI: path and query) to the upstream.
+    fn fetch(self: Arc<Self>, req: Request<ProxyBody>) -> OriginFuture;
+}
+
+/// Builds the origin only when the request needs one (a hit does not).
+pub type MakeOrigin<'a> = &'a (dyn Fn() -> Arc<dyn Origin> + Send + Sync);
+
+/// One request on a caching route, with what the cache needs to serve it.
+pub struct CacheRequest<'a> {
+    /// The route's cache rule.
+    pub rule: CacheRule,
+    /// `http` or `https` (part of the key).
+    pub scheme: &'static str,
+    /// The upstream the request goes to (after the request filters).
+    pub upstream: &'a str,
+}
+
+impl HttpCache {
+    /// Serve `req` (its head after the request filters) on a caching route.
+    /// The response is the stored one or the origin's (being stored as it
+    /// streams), with `Cache-Status`; never an error.
+    pub async fn serve(
+        self: &Arc<Self>,
+        cr: CacheRequest<'_>,
+        req: Request<ProxyBody>,
+        origin: MakeOrigin<'_>,
+    ) -> Response<ProxyBody> {
+        let method = req.method().clone();
+        match method {
+            Method::GET | Method::HEAD => {
+                if http_body::Body::is_end_stream(req.body())
+                    && !req.headers().contains_key(header::RANGE)
+                {
+                    let (parts, _) = req.into_parts();
+                    self.lookup(&cr, parts, origin).await
+                } else {
+                    pass(
+                        origin().fetch(req).await,
+                        &cr,
+                        CacheStatus::fwd(Fwd::Bypass),
+                    )
+                }
+            }
+            Method::POST | Method::PUT | Method::DELETE | Method::PATCH => {
+                self.unsafe_request(&cr, req, origin).await
+            }
+            _ => pass(
+                origin().fetch(req).await,
+                &cr,
+                CacheStatus::fwd(Fwd::Method),
+            ),
+        }
+    }
+
+    /// GET or HEAD without a body: hit, stale or miss.
+    async fn lookup(
+        self: &Arc<Self>,
+        cr: &CacheRequest<'_>,
+        mut parts: http::request::Parts,
+        origin: MakeOrigin<'_>,
+    ) -> Response<ProxyBody> {
+        key::strip_unkeyed_overrides(&mut parts.headers);
+        let Some(key) = key::primary_key(cr.scheme, &parts) else {
+            let req = Request::from_parts(parts, body::empty());
+            return pass(origin().fetch(req).await, cr, CacheStatus::fwd(Fwd::Bypass));
+        };
+        key::origin_form(&mut parts);
+        let key: Arc<str> = Arc::from(key);
+        // Entries are GET responses; a HEAD is looked up as the GET it
+        // mirrors and answered with the head only.
+        let method = std::mem::replace(&mut parts.method, Method::GET);
+        let fwd = match self.find(&key, cr.upstream, &parts) {
+            Found::Fresh(entry, head) => {
+                self.stats.hit();
+                return entry.respond(head, &method, CacheStatus::hit(ttl(&entry)));
+            }
+            Found::Stale(entry, conditional) => {
+                return self
+                    .stale(cr, key, entry, (parts, conditional), &method, origin)
+                    .await
+            }
+            Found::Nothing => Fwd::UriMiss,
+            Found::OtherVariants => Fwd::VaryMiss,
+        };
+        self.stats.miss();
+        let status = CacheStatus::fwd(fwd);
+        // A HEAD miss is only forwarded: its answer has no body to store.
+        if method == Method::HEAD {
+            parts.method = method;
+            let req = Request::from_parts(parts, body::empty());
+            return pass(origin().fetch(req).await, cr, status);
+        }
+        match self.flights.join(&key) {
+            Join::Leader(guard) => {
+                let origin = origin();
+                self.fetch_and_admit(cr, key, parts, status, Some(guard), &origin)
+                    .await
+            }
+            Join::Follower(wait) => {
+                if wait.wait(self.settings.lock_timeout).await {
+                    if let Found::Fresh(entry, head) = self.find(&key, cr.upstream, &parts) {
+                        let status = CacheStatus {
+                            collapsed: true,
+                            ..status
+                        };
+                        return entry.respond(head, &method, status);
+                    }
+                }
+                // The leader stored nothing this request can use: ask too.
+                let origin = origin();
+                self.fetch_and_admit(cr, key, parts, status, None, &origin)
+                    .await
+            }
+        }
+    }
+
+    /// Look for a stored variant that can answer this request.
+    fn find(&self, key: &str, upstream: &str, parts: &http::request::Parts) -> Found {
+        let Some(variants) = self.store.get(key) else {
+            return Found::Nothing;
+        };
+        let now = SystemTime::now();
+        let mut stale = None;
+        for entry in variants.iter() {
+            if &*entry.upstream != upstream {
+                continue;
+            }
+            match entry.policy.before_request(parts, now) {
+                BeforeRequest::Fresh(head) => return Found::Fresh(entry.clone(), head),
+                BeforeRequest::Stale {
+                    request,
+                    matches: true,
+                } if stale.is_none() => stale = Some((entry.clone(), request)),
+                BeforeRequest::Stale { .. } => {}
+            }
+        }
+        match stale {
+            Some((entry, request)) => Found::Stale(entry, request),
+            None => Found::OtherVariants,
+        }
+    }
+
+    /// Send `parts` to the origin and admit the answer (see [`Self::admit`]).
+    pub(super) async fn fetch_and_admit(
+        self: &Arc<Self>,
+        cr: &CacheRequest<'_>,
+        key: Arc<str>,
+        parts: http::request::Parts,
+        status: CacheStatus,
+        guard: Option<super::flight::FlightGuard>,
+        origin: &Arc<dyn Origin>,
+    ) -> Response<ProxyBody> {
+        let req = Request::from_parts(parts.clone(), body::empty());
+        match origin.clone().fetch(req).await {
+            Ok(resp) => self.admit(cr, key, &parts, resp, status, guard),
+            Err(e) => with_status(crate::proxy::error_response(cr.upstream, &e), &status),
+        }
+    }
+
+    /// Decide whether the origin's response to `req` is stored; if so, tee
+    /// its body into the store while it streams to the client. The stored
+    /// head has no hop-by-hop fields. `guard` (the coalescing flight) ends
+    /// when the body is stored or abandoned.
+    pub(super) fn admit(
+        self: &Arc<Self>,
+        cr: &CacheRequest<'_>,
+        key: Arc<str>,
+        req: &http::request::Parts,
+        resp: Response<ProxyBody>,
+        mut status: CacheStatus,
+        guard: Option<super::flight::FlightGuard>,
+    ) -> Response<ProxyBody> {
+        let (mut head, body) = resp.into_parts();
+        crate::headers::remove_hop_by_hop(&mut head.headers);
+        status.fwd_status = Some(head.status.as_u16());
+        let now = SystemTime::now();
+        let opts = policy::options(self.settings.heuristic_percent);
+        // Never share one client's cookie with another, whatever the
+        // response says.
+        let storable = req.method == Method::GET
+            && head.status != StatusCode::PARTIAL_CONTENT
+            && !head.headers.contains_key(header::SET_COOKIE)
+            && !policy::vary_star(&head.headers)
+            && CachePolicy::new_options(req, &head, now, opts).is_storable();
+        let length = head
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let limit = cr.rule.max_object_bytes;
+        if !storable {
+            status.apply(&mut head.headers);
+            return Response::from_parts(head, body);
+        }
+        if length.is_some_and(|n| n > limit) {
+            status.detail = Some("too-big");
+            status.apply(&mut head.headers);
+            return Response::from_parts(head, body);
+        }
+        status.stored = true;
+        let mut stored_head = head.clone();
+        status.apply(&mut head.headers);
+        let cache = self.clone();
+        let req = req.clone();
+        let upstream: Arc<str> = Arc::from(cr.upstream);
+        let on_complete = Box::new(move |bytes: bytes::Bytes| {
+            stored_head.headers.remove(header::TRANSFER_ENCODING);
+            stored_head
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            let entry = CachedResponse::new(req, stored_head, bytes, upstream, now, opts);
+            cache.put(key, entry);
+            drop(guard);
+        });
+        let tee = super::tee::TeeBody::new(body, limit, on_complete);
+        Response::from_parts(head, body::boxed(tee))
+    }
+
+    /// POST, PUT, DELETE, PATCH: forward; a non-error answer invalidates
+    /// the URL and the same-host `Location` / `Content-Location`.
+    async fn unsafe_request(
+        self: &Arc<Self>,
+        cr: &CacheRequest<'_>,
+        req: Request<ProxyBody>,
+        origin: MakeOrigin<'_>,
+    ) -> Response<ProxyBody> {
+        let (parts, body) = req.into_parts();
+        let kept = parts.clone();
+        let result = origin().fetch(Request::from_parts(parts, body)).await;
+        if let Ok(resp) = &result {
+            if resp.status().is_success() || resp.status().is_redirection() {
+                for k in key::invalidated_keys(cr.scheme, &kept, resp.headers()) {
+                    self.invalidate(&k);
+                }
+            }
+        }
+        pass(result, cr, CacheStatus::fwd(Fwd::Method))
+    }
+}
+
+/// What the store holds for a request.
+enum Found {
+    /// A fresh variant, with the head to send (`Age` set).
+    Fresh(Arc<CachedResponse>, http::response::Parts),
+    /// A stale matching variant, and the conditional request to revalidate it.
+    Stale(Arc<CachedResponse>, http::request::Parts),
+    /// Nothing under this URL.
+    Nothing,
+    /// Variants under this URL, none for this request.
+    OtherVariants,
+}
+
+/// Seconds of freshness left (negative once stale).
+pub(super) fn ttl(entry: &CachedResponse) -> i64 {
+    let now = SystemTime::now();
+    match entry.fresh_until.duration_since(now) {
+        Ok(left) => left.as_secs() as i64,
+        Err(past) => -(past.duration().as_secs() as i64),
+    }
+}
+
+/// An origin result passed through as is, with `Cache-Status`.
+pub(super) fn pass(
+    result: Result<Response<ProxyBody>, ForwardError>,
+    cr: &CacheRequest<'_>,
+    mut status: CacheStatus,
+) -> Response<ProxyBody> {
+    match result {
+        Ok(resp) => {
+            status.fwd_status = Some(resp.status().as_u16());
+            with_status(resp, &status)
+        }
+        Err(e) => with_status(crate::proxy::error_response(cr.upstream, &e), &status),
+    }
+}
+
+/// Add `Cache-Status` to a response.
+pub(super) fn with_status(
+    mut resp: Response<ProxyBody>,
+    status: &CacheStatus,
+) -> Response<ProxyBody> {
+    status.apply(resp.headers_mut());
+    resp
+}

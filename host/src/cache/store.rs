@@ -1,0 +1,272 @@
+//! The store: stored responses by primary key, bounded by bytes.
+//!
+//! Backed by `quick_cache` (a sharded, concurrent cache with a CLOCK-Pro
+//! style eviction policy and a weigher): a key's weight is the size of its
+//! variants' bodies and heads, and inserting past the bound evicts at once,
+//! so the total never exceeds `max_bytes`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Response};
+use http_cache_semantics::{CacheOptions, CachePolicy};
+use quick_cache::sync::Cache;
+use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
+
+use super::policy::{self, StaleRules};
+use super::status::CacheStatus;
+use crate::body::{self, ProxyBody};
+
+/// One stored response (one variant of a URL).
+pub struct CachedResponse {
+    /// The RFC 9111 view of it: freshness, validators, `Vary` matching.
+    pub policy: CachePolicy,
+    /// The stored head: no hop-by-hop fields, `Content-Length` set.
+    pub head: http::response::Parts,
+    /// The whole body.
+    pub body: Bytes,
+    /// The upstream that answered.
+    pub upstream: Arc<str>,
+    /// Upstream and `Vary`-named request values: see [`policy::variant_id`].
+    pub variant: String,
+    /// When it stops being fresh.
+    pub fresh_until: SystemTime,
+    /// What it allows once stale.
+    pub stale: StaleRules,
+    /// Bytes it is accounted for.
+    pub weight: u64,
+}
+
+/// Every variant of a key, newest first (cheap to clone).
+pub type Variants = Arc<[Arc<CachedResponse>]>;
+
+impl CachedResponse {
+    /// A response the origin sent for `req` at `now`.
+    pub fn new(
+        req: http::request::Parts,
+        head: http::response::Parts,
+        body: Bytes,
+        upstream: Arc<str>,
+        now: SystemTime,
+        opts: CacheOptions,
+    ) -> Arc<CachedResponse> {
+        let policy = CachePolicy::new_options(&req, &head, now, opts);
+        let variant = policy::variant_id(&upstream, &req.headers, &head.headers);
+        Self::build(policy, head, body, upstream, variant, now)
+    }
+
+    fn build(
+        policy: CachePolicy,
+        head: http::response::Parts,
+        body: Bytes,
+        upstream: Arc<str>,
+        variant: String,
+        now: SystemTime,
+    ) -> Arc<CachedResponse> {
+        let fresh_until = now + policy.time_to_live(now);
+        let stale = StaleRules::of(&head.headers);
+        let head_bytes: usize = head
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        let weight = (body.len() + head_bytes + variant.len() + 256) as u64;
+        Arc::new(CachedResponse {
+            policy,
+            head,
+            body,
+            upstream,
+            variant,
+            fresh_until,
+            stale,
+            weight,
+        })
+    }
+
+    /// This entry after a `304`: the merged policy and head, the same body.
+    pub fn refreshed(
+        &self,
+        policy: CachePolicy,
+        mut merged: http::response::Parts,
+        date: Option<HeaderValue>,
+    ) -> Arc<CachedResponse> {
+        crate::headers::remove_hop_by_hop(&mut merged.headers);
+        merged.headers.remove(header::AGE);
+        // The crate writes its own `Date`; keep the origin's (the 304's).
+        match date.or_else(|| self.head.headers.get(header::DATE).cloned()) {
+            Some(d) => merged.headers.insert(header::DATE, d),
+            None => merged.headers.remove(header::DATE),
+        };
+        merged
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(self.body.len()));
+        Self::build(
+            policy,
+            merged,
+            self.body.clone(),
+            self.upstream.clone(),
+            self.variant.clone(),
+            SystemTime::now(),
+        )
+    }
+
+    /// Answer with `head` (from the policy: `Age` set) and the stored body
+    /// (none for `HEAD`). The body is shared, not copied.
+    pub fn respond(
+        &self,
+        mut head: http::response::Parts,
+        method: &Method,
+        status: CacheStatus,
+    ) -> Response<ProxyBody> {
+        // The origin's `Date` (the crate writes the current time); `Age`
+        // tells how old the response is.
+        match self.head.headers.get(header::DATE) {
+            Some(d) => head.headers.insert(header::DATE, d.clone()),
+            None => head.headers.remove(header::DATE),
+        };
+        status.apply(&mut head.headers);
+        let body = if *method == Method::HEAD {
+            body::empty()
+        } else {
+            body::full(self.body.clone())
+        };
+        Response::from_parts(head, body)
+    }
+
+    /// Answer with the stored head, `Age` computed now (used for stale and
+    /// just-revalidated answers, where the policy gives no head).
+    pub fn respond_stale(&self, method: &Method, status: CacheStatus) -> Response<ProxyBody> {
+        let mut head = self.head.clone();
+        let age = self.policy.age(SystemTime::now()).as_secs();
+        head.headers.insert(header::AGE, HeaderValue::from(age));
+        self.respond(head, method, status)
+    }
+}
+
+/// Weighs a key: the sum of its variants.
+#[derive(Clone)]
+struct ByBytes;
+
+impl Weighter<Arc<str>, Variants> for ByBytes {
+    fn weight(&self, key: &Arc<str>, val: &Variants) -> u64 {
+        key.len() as u64 + val.iter().map(|v| v.weight).sum::<u64>()
+    }
+}
+
+/// Counts evictions.
+#[derive(Clone, Default)]
+struct CountEvictions(Arc<AtomicU64>);
+
+impl Lifecycle<Arc<str>, Variants> for CountEvictions {
+    type RequestState = ();
+
+    fn begin_request(&self) -> Self::RequestState {}
+
+    fn on_evict(&self, _state: &mut Self::RequestState, _key: Arc<str>, _val: Variants) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// See the module doc.
+pub struct Store {
+    cache: Cache<Arc<str>, Variants, ByBytes, quick_cache::DefaultHashBuilder, CountEvictions>,
+    evictions: Arc<AtomicU64>,
+    max_bytes: u64,
+    max_object_bytes: u64,
+}
+
+impl Store {
+    /// A store of at most `max_bytes`, holding objects up to `max_object_bytes`.
+    pub fn new(max_bytes: u64, max_object_bytes: u64) -> Store {
+        // The bound is split over shards; each must hold the largest object
+        // (with a margin for its head), so small stores get fewer shards.
+        let per_object = max_object_bytes.saturating_mul(2).max(64 * 1024);
+        let fit = (max_bytes / per_object).clamp(1, 16);
+        let shards = 1u64 << (63 - fit.leading_zeros());
+        let evictions = CountEvictions::default();
+        let count = evictions.0.clone();
+        let opts = OptionsBuilder::new()
+            .estimated_items_capacity((max_bytes / 4096).clamp(16, 1 << 20) as usize)
+            .weight_capacity(max_bytes)
+            .shards(shards as usize)
+            .build()
+            .unwrap_or_else(|_| {
+                OptionsBuilder::new()
+                    .estimated_items_capacity(1024)
+                    .weight_capacity(max_bytes)
+                    .build()
+                    .expect("static cache options are valid")
+            });
+        Store {
+            cache: Cache::with_options(opts, ByBytes, Default::default(), evictions),
+            evictions: count,
+            max_bytes,
+            max_object_bytes,
+        }
+    }
+
+    /// The bound this store was built for (a reload with other bounds
+    /// builds a new store).
+    pub fn bounds(&self) -> (u64, u64) {
+        (self.max_bytes, self.max_object_bytes)
+    }
+
+    /// Every variant stored under `key`.
+    pub fn get(&self, key: &str) -> Option<Variants> {
+        self.cache.get(key)
+    }
+
+    /// Store `entry` under `key`, replacing the variant with the same
+    /// identity and keeping at most `max_variants`.
+    pub fn put(&self, key: Arc<str>, entry: Arc<CachedResponse>, max_variants: usize) {
+        let mut list: Vec<Arc<CachedResponse>> = vec![entry.clone()];
+        if let Some(old) = self.cache.get(&*key) {
+            list.extend(
+                old.iter()
+                    .filter(|v| v.variant != entry.variant)
+                    .take(max_variants.saturating_sub(1))
+                    .cloned(),
+            );
+        }
+        self.cache.insert(key, Arc::from(list));
+    }
+
+    /// Remove every variant of `key`; true if there were any.
+    pub fn remove(&self, key: &str) -> bool {
+        self.cache.remove(key).is_some()
+    }
+
+    /// Remove every key `purge` selects; how many.
+    pub fn purge(&self, purge: impl Fn(&str) -> bool) -> usize {
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        self.cache.retain(|k, _| {
+            let hit = purge(k);
+            n.fetch_add(hit as usize, Ordering::Relaxed);
+            !hit
+        });
+        n.into_inner()
+    }
+
+    /// Keys stored.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Nothing stored?
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// Bytes accounted.
+    pub fn bytes(&self) -> u64 {
+        self.cache.weight()
+    }
+
+    /// Keys evicted to stay within the bound so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,211 @@
+//! `[cache]` (the store's bounds and the shared-cache defaults) and the
+//! per-route `cache = true` / `cache = { ... }` switch.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use super::{Config, ConfigError, RouteConfig, Validator};
+
+/// `[cache]`: one store for the whole process, shared by every worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Memory bound of the store: stored bodies plus headers, bytes.
+    pub max_bytes: Spanned<u64>,
+    /// Largest response stored; bigger ones pass through uncached.
+    pub max_object_bytes: Spanned<u64>,
+    /// Most `Vary` variants kept per URL (the oldest goes first).
+    pub max_variants: usize,
+    /// Heuristic freshness for responses with `Last-Modified` and no
+    /// explicit lifetime: this percent of the time since the modification.
+    pub heuristic_percent: u32,
+    /// How long a request waits for a coalesced miss of the same URL before
+    /// it asks the origin itself, milliseconds.
+    pub lock_timeout_ms: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: Spanned::new(0..0, 64 * 1024 * 1024),
+            max_object_bytes: Spanned::new(0..0, 8 * 1024 * 1024),
+            max_variants: 8,
+            heuristic_percent: 10,
+            lock_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// A route's `cache` key: `true`/`false`, or a table of settings (which
+/// turns caching on).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteCacheConfig {
+    /// `cache = true` or `cache = false`.
+    Enabled(bool),
+    /// `cache = { ... }`.
+    Settings(RouteCacheSettings),
+}
+
+/// `cache = { ... }` on a route.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheSettings {
+    /// Serve a stale response this many seconds past its freshness while a
+    /// background refresh runs, when the response has no
+    /// `stale-while-revalidate` of its own (default 0).
+    pub stale_while_revalidate_s: Option<u64>,
+    /// Serve a stale response this many seconds past its freshness when the
+    /// origin fails, when the response has no `stale-if-error` of its own
+    /// (default 0).
+    pub stale_if_error_s: Option<u64>,
+    /// Overrides `[cache] max_object_bytes` for this route.
+    pub max_object_bytes: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for RouteCacheConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match toml::Value::deserialize(d)? {
+            toml::Value::Boolean(b) => Ok(RouteCacheConfig::Enabled(b)),
+            toml::Value::Table(t) => RouteCacheSettings::deserialize(t)
+                .map(RouteCacheConfig::Settings)
+                .map_err(serde::de::Error::custom),
+            other => Err(serde::de::Error::custom(format!(
+                "expected true, false or a table of cache settings, found {}",
+                other.type_str()
+            ))),
+        }
+    }
+}
+
+/// What caching means on one route, resolved against `[cache]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheRule {
+    /// Default stale-while-revalidate window.
+    pub stale_while_revalidate: Duration,
+    /// Default stale-if-error window.
+    pub stale_if_error: Duration,
+    /// Largest response stored on this route.
+    pub max_object_bytes: u64,
+}
+
+impl RouteConfig {
+    /// The cache rule of this route, or `None` when it does not cache.
+    pub fn cache_rule(&self, global: &CacheConfig) -> Option<CacheRule> {
+        let settings = match self.cache.as_ref().map(Spanned::get_ref) {
+            None | Some(RouteCacheConfig::Enabled(false)) => return None,
+            Some(RouteCacheConfig::Enabled(true)) => RouteCacheSettings::default(),
+            Some(RouteCacheConfig::Settings(s)) => s.clone(),
+        };
+        Some(CacheRule {
+            stale_while_revalidate: Duration::from_secs(
+                settings.stale_while_revalidate_s.unwrap_or(0),
+            ),
+            stale_if_error: Duration::from_secs(settings.stale_if_error_s.unwrap_or(0)),
+            max_object_bytes: settings
+                .max_object_bytes
+                .unwrap_or(*global.max_object_bytes.get_ref()),
+        })
+    }
+}
+
+/// Smallest store accepted: below this nothing useful fits.
+const MIN_CACHE_BYTES: u64 = 4096;
+
+impl Validator<'_> {
+    /// `[cache]` and every route's `cache`.
+    pub(super) fn validate_cache(&self, config: &Config) -> Result<(), ConfigError> {
+        let c = &config.cache;
+        let max = *c.max_bytes.get_ref();
+        if max < MIN_CACHE_BYTES {
+            let reason = format!("must be at least {MIN_CACHE_BYTES} bytes");
+            return self.error(c.max_bytes.span(), "cache.max_bytes".into(), reason);
+        }
+        let obj = *c.max_object_bytes.get_ref();
+        if obj == 0 || obj > max {
+            let reason = format!("must be between 1 and cache.max_bytes ({max})");
+            return self.error(
+                c.max_object_bytes.span(),
+                "cache.max_object_bytes".into(),
+                reason,
+            );
+        }
+        if !(1..=64).contains(&c.max_variants) {
+            let reason = "must be between 1 and 64".to_string();
+            return self.error(0..0, "cache.max_variants".into(), reason);
+        }
+        if c.heuristic_percent > 100 {
+            let reason = "must be between 0 and 100".to_string();
+            return self.error(0..0, "cache.heuristic_percent".into(), reason);
+        }
+        if c.lock_timeout_ms == 0 {
+            let reason = "must be at least 1".to_string();
+            return self.error(0..0, "cache.lock_timeout_ms".into(), reason);
+        }
+        for (i, route) in config.routes.iter().enumerate() {
+            let Some(rc) = &route.cache else { continue };
+            if let RouteCacheConfig::Settings(s) = rc.get_ref() {
+                if let Some(o) = s.max_object_bytes {
+                    if o == 0 || o > max {
+                        let reason = format!("must be between 1 and cache.max_bytes ({max})");
+                        return self.error(
+                            rc.span(),
+                            format!("route[{i}].cache.max_object_bytes"),
+                            reason,
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const BASE: &str = r#"
+[proxy]
+listen = ["127.0.0.1:8080"]
+
+[[upstream]]
+name = "app"
+endpoints = ["127.0.0.1:9001"]
+"#;
+
+    fn parse(extra: &str) -> Result<Config, String> {
+        Config::parse(&format!("{BASE}{extra}"), Path::new("c.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn route_cache_true_and_table() {
+        let c = parse(
+            "[[route]]\nupstream = \"app\"\ncache = true\n[[route]]\npath_prefix = \"/s\"\nupstream = \"app\"\ncache = { stale_if_error_s = 30 }\n[[route]]\npath_prefix = \"/n\"\nupstream = \"app\"\n",
+        )
+        .unwrap();
+        let r0 = c.routes[0].cache_rule(&c.cache).unwrap();
+        assert_eq!(r0.max_object_bytes, 8 * 1024 * 1024);
+        assert_eq!(r0.stale_if_error, Duration::ZERO);
+        let r1 = c.routes[1].cache_rule(&c.cache).unwrap();
+        assert_eq!(r1.stale_if_error, Duration::from_secs(30));
+        assert!(c.routes[2].cache_rule(&c.cache).is_none());
+    }
+
+    #[test]
+    fn bad_values_name_line_and_key() {
+        let e = parse("[cache]\nmax_bytes = 100\n").unwrap_err();
+        assert!(e.starts_with("c.toml: line 9: cache.max_bytes:"), "{e}");
+        let e = parse("[cache]\nmax_bytes = 10000\nmax_object_bytes = 20000\n").unwrap_err();
+        assert!(
+            e.starts_with("c.toml: line 10: cache.max_object_bytes:"),
+            "{e}"
+        );
+        let e = parse("[[route]]\nupstream = \"app\"\ncache = { ttl = 3 }\n").unwrap_err();
+        assert!(e.contains("ttl") && e.contains("line 10"), "{e}");
+        let e = parse("[[route]]\nupstream = \"app\"\ncache = 3\n").unwrap_err();
+        assert!(e.contains("expected true, false or a table"), "{e}");
+    }
+}
