@@ -9,6 +9,7 @@ mod common;
 mod balance;
 mod config;
 mod filters;
+mod languages;
 mod proxy;
 mod proxy_errors;
 mod proxy_streams;
