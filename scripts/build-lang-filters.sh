@@ -184,9 +184,9 @@ EOF
     fi
 }
 
-[ "$need_python" -eq 1 ] && install_python
-[ "$need_js" -eq 1 ] && install_js
-[ "$need_c" -eq 1 ] && install_c
+if [ "$need_python" -eq 1 ]; then install_python; fi
+if [ "$need_js" -eq 1 ]; then install_js; fi
+if [ "$need_c" -eq 1 ]; then install_c; fi
 
 # ---------------------------------------------------------------- builds
 # A component starts with "\0asm" and the component version/layer 0d 00 01 00.
@@ -216,7 +216,11 @@ build_js() { # dir out
 build_c() { # dir out
     local work="$BUILD/c-$(basename "$1")"
     rm -rf "$work"; mkdir -p "$work/gen"
-    "$WIT_BINDGEN" c "$WIT" --world "$WORLD" --out-dir "$work/gen" >/dev/null
+    local out
+    if ! out="$("$WIT_BINDGEN" c "$WIT" --world "$WORLD" --out-dir "$work/gen" 2>&1)"; then
+        log "$out"
+        return 1
+    fi
     "$CLANG" --target=wasm32-wasi --sysroot=/usr -mexec-model=reactor \
         -O2 -Wall -Wextra -Werror -Wno-unused-parameter \
         -I "$work/gen" -I "$1" \
@@ -265,7 +269,7 @@ build_all() { # out_dir dirs...
 }
 
 printf '%-24s %-11s %10s\n' "filter" "language" "bytes"
-[ "${#dirs[@]}" -gt 0 ] && build_all "$OUT_DIR" "${dirs[@]}"
-[ "${#template_dirs[@]}" -gt 0 ] && build_all "$ROOT/target/lang-templates" "${template_dirs[@]}"
+if [ "${#dirs[@]}" -gt 0 ]; then build_all "$OUT_DIR" "${dirs[@]}"; fi
+if [ "${#template_dirs[@]}" -gt 0 ]; then build_all "$ROOT/target/lang-templates" "${template_dirs[@]}"; fi
 [ "$failed" -eq 0 ] || die "some filters failed to build"
 echo "components in ${OUT_DIR#"$ROOT"/}/"

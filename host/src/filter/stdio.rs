@@ -5,7 +5,7 @@
 //! uncaught exception's traceback, a JavaScript `console.log`, a C
 //! `fprintf(stderr, ..)`. Each complete line becomes one log event tagged
 //! with the filter's name and the stream (`stdout` at info, `stderr` at
-//! warn). Lines are cut at [`MAX_LOG_LINE`](super::host_api::MAX_LOG_LINE)
+//! warn; blank lines are dropped). Lines are cut at [`MAX_LOG_LINE`](super::host_api::MAX_LOG_LINE)
 //! bytes; a partial last line is logged when the stream is dropped (when
 //! the instance is discarded).
 
@@ -112,6 +112,11 @@ impl LineWriter {
     fn emit(&mut self) {
         if self.buf.last() == Some(&b'\r') {
             self.buf.pop();
+        }
+        if self.buf.iter().all(u8::is_ascii_whitespace) {
+            // Blank lines (e.g. between a traceback and what follows) are noise.
+            self.buf.clear();
+            return;
         }
         let line = String::from_utf8_lossy(&self.buf);
         let filter = &*self.filter;
