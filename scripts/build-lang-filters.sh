@@ -19,8 +19,10 @@
 #   scripts/build-lang-filters.sh --templates        # also guest-sdk/templates/* -> target/lang-templates/
 #   scripts/build-lang-filters.sh --out DIR PATH...  # any folders, into DIR
 #
-# A filter is rebuilt only when its sources, the WIT or the toolchain pins
-# change (a stamp in target/lang-build/). Fails if an artifact is not a component.
+# A filter is rebuilt only when its sources, the WIT, this script or the
+# toolchain pins change: built components are also kept in $SLUICEGATE_TOOLS/built
+# under that stamp, so a fresh clone on the same machine reuses them. Fails
+# if an artifact is not a component.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -230,6 +232,9 @@ build_c() { # dir out
         --adapt "wasi_snapshot_preview1=$ADAPTER" -o "$2"
 }
 
+# Kept builds not used for a month go.
+if [ -d "$TOOLS/built" ]; then find "$TOOLS/built" -name '*.wasm' -mtime +30 -delete; fi
+
 failed=0
 build_all() { # out_dir dirs...
     local out="$1"; shift
@@ -248,8 +253,13 @@ build_all() { # out_dir dirs...
         fi
         t="$(now)"
         local tmp="$BUILD/$name.staged.wasm"
+        local kept="$TOOLS/built/$stamp.wasm"
         rm -f "$tmp"
-        if ! "build_$( [ "$lang" = javascript ] && echo js || echo "$lang")" "$d" "$tmp"; then
+        if [ -f "$kept" ]; then
+            # Built before from the same sources, WIT and tools (e.g. by an
+            # earlier CI run on this machine, in another clone).
+            cp "$kept" "$tmp" && touch "$kept"
+        elif ! "build_$( [ "$lang" = javascript ] && echo js || echo "$lang")" "$d" "$tmp"; then
             log "error: $name ($lang) failed to build"
             failed=1
             continue
@@ -260,6 +270,10 @@ build_all() { # out_dir dirs...
             log "error: $name: $tmp is not a component (header $magic)"
             failed=1
             continue
+        fi
+        if [ ! -f "$kept" ]; then
+            mkdir -p "$TOOLS/built"
+            cp "$tmp" "$kept.tmp" && mv -f "$kept.tmp" "$kept"
         fi
         # Atomically, and only when changed (the proxy watches this folder).
         if ! cmp -s "$tmp" "$dest"; then mv -f "$tmp" "$dest"; else rm -f "$tmp"; fi

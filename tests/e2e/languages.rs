@@ -43,7 +43,7 @@ fn start(cfg: Cfg, filters: &[&str], filters_toml: &str) -> Proxy {
     let toml = cfg
         .admin()
         .extra(&format!(
-            "[filters]\ndir = \"@DIR@/filters\"\ntimeout_ms = 1000\nmemory_mb = 128\n{filters_toml}"
+            "[filters]\ndir = \"@DIR@/filters\"\ntimeout_ms = 1000\nmemory_mb = 128\ncompile_timeout_ms = 600000\n{filters_toml}"
         ))
         .toml();
     let mut b = Proxy::builder(&toml).start_timeout(START);
