@@ -19,8 +19,8 @@
 #   scripts/build-lang-filters.sh --templates        # also guest-sdk/templates/* -> target/lang-templates/
 #   scripts/build-lang-filters.sh --out DIR PATH...  # any folders, into DIR
 #
-# A filter is rebuilt only when its sources, the WIT, this script or the
-# toolchain pins change: built components are also kept in $SLUICEGATE_TOOLS/built
+# A filter is rebuilt only when its sources, the WIT, the build commands or
+# the toolchain pins change: built components are also kept in $SLUICEGATE_TOOLS/built
 # under that stamp, so a fresh clone on the same machine reuses them. Fails
 # if an artifact is not a component.
 set -euo pipefail
@@ -108,7 +108,13 @@ install_python() {
     fi
     local t; t="$(now)"
     log "installing componentize-py $PY_VERSION (PyPI) into $TOOLS/py"
-    python3 -m venv "$TOOLS/py"
+    if ! python3 -m venv "$TOOLS/py" >&2; then
+        # Debian's python3 ships venv separately.
+        rm -rf "$TOOLS/py"
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-venv >&2 \
+            || { as_root apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-venv >&2; }
+        python3 -m venv "$TOOLS/py"
+    fi
     "$TOOLS/py/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$PY_VERSION"
     log "  done in $(secs "$t") s"
 }
@@ -198,7 +204,7 @@ stamp_of() {
     local d="$1" lang="$2"
     {
         echo "$lang $PY_VERSION $JS_VERSION $WIT_BINDGEN_VERSION $WASM_TOOLS_VERSION $ADAPTER_VERSION"
-        cat "$0"
+        declare -f build_python build_js build_c
         find "$WIT" "$d" -type f \( -name '*.wit' -o -name '*.py' -o -name '*.js' -o -name '*.c' -o -name '*.h' \) \
             -not -path '*/__pycache__/*' | LC_ALL=C sort | xargs sha256sum
     } | sha256sum | cut -d' ' -f1
@@ -255,7 +261,9 @@ build_all() { # out_dir dirs...
         local tmp="$BUILD/$name.staged.wasm"
         local kept="$TOOLS/built/$stamp.wasm"
         rm -f "$tmp"
+        local how="built in"
         if [ -f "$kept" ]; then
+            how="kept build, copied in"
             # Built before from the same sources, WIT and tools (e.g. by an
             # earlier CI run on this machine, in another clone).
             cp "$kept" "$tmp" && touch "$kept"
@@ -278,7 +286,7 @@ build_all() { # out_dir dirs...
         # Atomically, and only when changed (the proxy watches this folder).
         if ! cmp -s "$tmp" "$dest"; then mv -f "$tmp" "$dest"; else rm -f "$tmp"; fi
         echo "$stamp" > "$stamp_file"
-        printf '%-24s %-11s %10s  built in %s s\n' "$name" "$lang" "$(wc -c < "$dest" | tr -d ' ')" "$(secs "$t")"
+        printf '%-24s %-11s %10s  %s %s s\n' "$name" "$lang" "$(wc -c < "$dest" | tr -d ' ')" "$how" "$(secs "$t")"
     done
 }
 
