@@ -10,6 +10,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 bash scripts/build-filters.sh
+bash scripts/build-lang-filters.sh
 cargo build --release -p sluicegate
 cat <<'TXT'
 
@@ -19,6 +20,9 @@ Sluicegate demo on http://127.0.0.1:8080 — try:
   curl -i http://127.0.0.1:8080/private                      # 401 from the auth filter
   curl -i -H 'x-api-key: demo-key' http://127.0.0.1:8080/private
   for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{http_code} ' http://127.0.0.1:8080/limited; done
+  curl -i -H 'x-tenant: beta' http://127.0.0.1:8080/py/     # Python: routed to the canary upstream
+  curl -i -X POST -d '{"oops' http://127.0.0.1:8080/js/      # JavaScript: 400, invalid JSON
+  curl -i --interface 127.0.0.2 http://127.0.0.1:8080/c/     # C: 403, blocked client address
   curl http://127.0.0.1:9901/filters ; curl http://127.0.0.1:9901/metrics
 
 TXT

@@ -10,6 +10,9 @@ cd "$ROOT"
 echo "== building filters (wasm32-wasip2 components)"
 bash scripts/build-filters.sh
 
+echo "== building Python, JavaScript and C filters and templates (installs their toolchains once)"
+bash scripts/build-lang-filters.sh --templates
+
 echo "== building the host (release)"
 cargo build --release -p sluicegate
 

@@ -69,7 +69,8 @@ enum FilterCommand {
         #[command(flatten)]
         sample: SampleArgs,
     },
-    /// Measure the cost of a request-phase call, warm and fresh instance.
+    /// Measure the cost of one request through the phases the filter asks
+    /// for, on a warm (pooled) and on a fresh instance.
     Bench {
         /// The filter component (`.wasm`).
         wasm: PathBuf,
@@ -92,12 +93,21 @@ struct SampleArgs {
     /// A request header, 'name: value' (repeatable).
     #[arg(short = 'H', long = "header")]
     headers: Vec<String>,
+    /// The client's address, 'ip:port' (default 127.0.0.1:40000).
+    #[arg(long)]
+    client: Option<String>,
+    /// The request body, for a filter with a request-body phase.
+    #[arg(long)]
+    body: Option<String>,
     /// Run the response phase with a response of this status.
     #[arg(long)]
     response: Option<u16>,
     /// A response header, 'name: value' (repeatable).
     #[arg(long = "response-header")]
     response_headers: Vec<String>,
+    /// The response body, for a filter with a response-body phase.
+    #[arg(long)]
+    response_body: Option<String>,
 }
 
 impl SampleArgs {
@@ -105,8 +115,11 @@ impl SampleArgs {
         sluicegate::filter::tool::Sample {
             request: self.request.clone(),
             headers: self.headers.clone(),
+            client: self.client.clone(),
+            body: self.body.clone().map(String::into_bytes),
             response_status: self.response,
             response_headers: self.response_headers.clone(),
+            response_body: self.response_body.clone().map(String::into_bytes),
         }
     }
 }
@@ -129,7 +142,7 @@ fn filter_command(cmd: FilterCommand) -> anyhow::Result<()> {
             let fresh = tool::load(&wasm, sample.config.as_deref(), Isolation::Request)?;
             let f = tool::bench(&fresh, &sample.sample(), (calls / 20).max(100))?;
             println!(
-                "{}: warm instance {w:.2} us/call, fresh instance {f:.2} us/call",
+                "{}: warm instance {w:.2} us/request, fresh instance {f:.2} us/request",
                 wasm.display()
             );
             Ok(())

@@ -11,6 +11,7 @@ mod balance_limits;
 mod cache;
 mod config;
 mod filters;
+mod languages;
 mod proxy;
 mod proxy_errors;
 mod proxy_streams;

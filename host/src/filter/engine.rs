@@ -26,6 +26,7 @@ pub struct FilterEngine {
     pub linker: std::sync::Arc<Linker<HostState>>,
     cache_dir: Option<PathBuf>,
     compat: String,
+    sync_cache: bool,
 }
 
 impl FilterEngine {
@@ -82,7 +83,16 @@ impl FilterEngine {
             linker: std::sync::Arc::new(linker),
             cache_dir,
             compat,
+            sync_cache: false,
         })
+    }
+
+    /// Write new artifacts before `compile` returns (for short-lived
+    /// processes such as `sluicegate filter test`, which would exit before
+    /// a background write).
+    pub fn with_sync_cache(mut self) -> FilterEngine {
+        self.sync_cache = true;
+        self
     }
 
     /// Compile a component, or map its cached artifact. Blocking: call it
@@ -106,6 +116,11 @@ impl FilterEngine {
         // for the next start on another thread.
         let component = Component::new(&self.engine, wasm).map_err(anyhow::Error::from)?;
         match component.serialize() {
+            Ok(bytes) if self.sync_cache => {
+                if let Err(e) = write_atomically(dir, &artifact, &bytes) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot cache compiled filter");
+                }
+            }
             Ok(bytes) => {
                 let dir = dir.clone();
                 std::thread::spawn(move || {

@@ -13,6 +13,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::sluicegate::filter::{env, kv, log, metrics as wit_metrics, types};
 use super::kv::KvStore;
+use super::stdio::{LogStdio, Stdio};
 
 /// Longest header value a filter may set, bytes.
 pub const MAX_HEADER_VALUE: usize = 16 * 1024;
@@ -22,7 +23,7 @@ pub const MAX_HEADER_FIELDS: usize = 90;
 /// Most distinct counter names one filter may create.
 const MAX_COUNTERS: usize = 128;
 /// Longest log line kept from a filter.
-const MAX_LOG_LINE: usize = 4096;
+pub const MAX_LOG_LINE: usize = 4096;
 
 /// The request head a filter sees, moved into the store for one call.
 #[derive(Debug)]
@@ -67,7 +68,8 @@ impl FilterContext {
 pub struct HostState {
     /// Resources handed to the guest (the heads, for one call at a time).
     pub table: ResourceTable,
-    /// An empty WASI context: no preopens, no env, no sockets, no stdio.
+    /// An empty WASI context: no preopens, no env, no sockets, no stdin;
+    /// stdout and stderr go to the proxy's log (see `stdio`).
     wasi: WasiCtx,
     /// The memory cap and the memory in use.
     pub limits: MemoryCap,
@@ -80,7 +82,10 @@ impl HostState {
     pub fn new(ctx: Arc<FilterContext>, memory_cap: usize) -> HostState {
         HostState {
             table: ResourceTable::new(),
-            wasi: WasiCtx::builder().build(),
+            wasi: WasiCtx::builder()
+                .stdout(LogStdio::new(ctx.name.clone(), Stdio::Stdout))
+                .stderr(LogStdio::new(ctx.name.clone(), Stdio::Stderr))
+                .build(),
             limits: MemoryCap {
                 cap: memory_cap,
                 used: 0,

@@ -13,6 +13,7 @@ pub mod host_api;
 pub mod instance;
 pub mod kv;
 pub mod stats;
+pub mod stdio;
 pub mod tool;
 
 use std::collections::{BTreeMap, HashMap};

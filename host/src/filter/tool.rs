@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
-use super::bindings::sluicegate::filter::types::{LocalResponse, RequestAction, ResponseAction};
+use super::bindings::sluicegate::filter::types::{
+    BodyAction, LocalResponse, RequestAction, ResponseAction,
+};
 use super::engine::FilterEngine;
 use super::host_api::{FilterContext, RequestHead, ResponseHead};
 use super::instance::FilterVersion;
@@ -23,10 +25,24 @@ pub struct Sample {
     pub request: String,
     /// `name: value` request headers.
     pub headers: Vec<String>,
+    /// The client's `ip:port` (default `127.0.0.1:40000`).
+    pub client: Option<String>,
+    /// The request body, for a filter that asks for the request-body phase
+    /// (empty when not given, as for a request without a body).
+    pub body: Option<Vec<u8>>,
     /// A response status to run the response phase with.
     pub response_status: Option<u16>,
     /// `name: value` response headers.
     pub response_headers: Vec<String>,
+    /// The response body, for a filter that asks for the response-body phase.
+    pub response_body: Option<Vec<u8>>,
+}
+
+/// Where `filter test` and `filter bench` cache compiled artifacts: the
+/// proxy's default, so a filter compiled once (an interpreted-language
+/// component takes seconds) is mapped in milliseconds by the next run.
+pub fn default_cache_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join("sluicegate-cache")
 }
 
 /// Load `wasm` with the filter config in `config_file` (a TOML table, the
@@ -52,7 +68,8 @@ pub fn load(
         None => "{}".to_string(),
     };
     let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
-    let engine = FilterEngine::new(None)?;
+    // Artifacts are written before this short-lived process exits.
+    let engine = FilterEngine::new(Some(default_cache_dir()))?.with_sync_cache();
     let hash = super::engine::content_hash(&bytes);
     let component = engine
         .compile(&bytes, &hash)
@@ -103,9 +120,12 @@ pub fn request_head(sample: &Sample) -> anyhow::Result<RequestHead> {
     };
     let mut req = http::Request::builder().method(method).uri(path).body(())?;
     *req.headers_mut() = header_map(&sample.headers)?;
+    let client = sample.client.as_deref().unwrap_or("127.0.0.1:40000");
     Ok(RequestHead {
         parts: req.into_parts().0,
-        client: "127.0.0.1:40000".parse()?,
+        client: client
+            .parse()
+            .with_context(|| format!("--client {client:?} is not ip:port"))?,
         scheme: "http",
     })
 }
@@ -129,40 +149,95 @@ fn print_local(l: &LocalResponse) {
     );
 }
 
-/// Run the phases of `version` over `sample` and print what happened.
+fn print_body_action(phase: &str, action: &BodyAction) {
+    match action {
+        BodyAction::Continue => println!("{phase} action: continue"),
+        BodyAction::Replace(bytes) => println!(
+            "{phase} action: replace ({} bytes): {}",
+            bytes.len(),
+            String::from_utf8_lossy(bytes).trim_end()
+        ),
+        BodyAction::Respond(local) => {
+            println!("{phase} action: respond");
+            print_local(local);
+        }
+    }
+}
+
+/// The response head described by `sample` (status 200 when not given).
+fn response_head(sample: &Sample) -> anyhow::Result<ResponseHead> {
+    let mut resp = http::Response::new(());
+    *resp.status_mut() = http::StatusCode::from_u16(sample.response_status.unwrap_or(200))?;
+    *resp.headers_mut() = header_map(&sample.response_headers)?;
+    Ok(ResponseHead {
+        parts: resp.into_parts().0,
+    })
+}
+
+/// Run the phases of `version` over `sample` and print what happened: the
+/// request phase's action and the request head as the upstream would get
+/// it, the request-body phase (if the filter asks for it), and, with a
+/// sample response, the response phases and the response head.
 pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
+    let caps = &version.caps;
     println!(
-        "filter {} ({}), phases {:?}",
+        "filter {} ({}), phases: request={} request-body={} response={} response-body={}",
         version.name,
         &version.hash[..12],
-        version.caps
+        caps.request_phase,
+        caps.request_body,
+        caps.response_phase,
+        caps.response_body
     );
-    let head = request_head(sample)?;
-    let (head, result) = version.on_request(head);
-    match result.map_err(|f| anyhow::anyhow!("request phase failed: {f}"))? {
-        RequestAction::Continue => println!("action: continue"),
-        RequestAction::Route(u) => println!("action: route to upstream {u:?}"),
-        RequestAction::Respond(local) => {
-            println!("action: respond");
-            print_local(&local);
+    let mut head = request_head(sample)?;
+    let mut answered = false;
+    if caps.request_phase {
+        let (back, result) = version.on_request(head);
+        head = back;
+        match result.map_err(|f| anyhow::anyhow!("request phase failed: {f}"))? {
+            RequestAction::Continue => println!("action: continue"),
+            RequestAction::Route(u) => println!("action: route to upstream {u:?}"),
+            RequestAction::Respond(local) => {
+                println!("action: respond");
+                print_local(&local);
+                answered = true;
+            }
         }
+    } else {
+        println!("action: continue (no request phase)");
+    }
+    if caps.request_body && !answered {
+        let body = sample.body.clone().unwrap_or_default();
+        let (back, result) = version.on_request_body(head, &body);
+        head = back;
+        let action = result.map_err(|f| anyhow::anyhow!("request body phase failed: {f}"))?;
+        answered = matches!(action, BodyAction::Respond(_));
+        print_body_action("request body", &action);
     }
     let line = format!("{} {}", head.parts.method, head.parts.uri);
     print_head("request", line, &head.parts.headers);
-    if let Some(status) = sample.response_status {
-        let mut resp = http::Response::new(());
-        *resp.status_mut() = http::StatusCode::from_u16(status)?;
-        *resp.headers_mut() = header_map(&sample.response_headers)?;
-        let resp = ResponseHead {
-            parts: resp.into_parts().0,
-        };
-        let (_, resp, result) = version.on_response(head, resp);
-        match result.map_err(|f| anyhow::anyhow!("response phase failed: {f}"))? {
-            ResponseAction::Continue => println!("response action: continue"),
-            ResponseAction::Respond(local) => {
-                println!("response action: respond");
-                print_local(&local);
+    if sample.response_status.is_some() && !answered {
+        let mut resp = response_head(sample)?;
+        if caps.response_phase {
+            let (back, r, result) = version.on_response(head, resp);
+            head = back;
+            resp = r;
+            match result.map_err(|f| anyhow::anyhow!("response phase failed: {f}"))? {
+                ResponseAction::Continue => println!("response action: continue"),
+                ResponseAction::Respond(local) => {
+                    println!("response action: respond");
+                    print_local(&local);
+                }
             }
+        } else {
+            println!("response action: continue (no response phase)");
+        }
+        if caps.response_body {
+            let body = sample.response_body.clone().unwrap_or_default();
+            let (_, r, result) = version.on_response_body(head, resp, &body);
+            resp = r;
+            let action = result.map_err(|f| anyhow::anyhow!("response body phase failed: {f}"))?;
+            print_body_action("response body", &action);
         }
         print_head(
             "response",
@@ -173,9 +248,52 @@ pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Time `calls` request-phase calls and print the cost per call.
+/// One request through every phase `version` asks for (a local answer
+/// ends it early, as in the proxy); the head comes back for the next round.
+fn one_request(
+    version: &FilterVersion,
+    sample: &Sample,
+    body: &[u8],
+    mut head: RequestHead,
+) -> anyhow::Result<RequestHead> {
+    let caps = &version.caps;
+    if caps.request_phase {
+        let (back, r) = version.on_request(head);
+        head = back;
+        if let RequestAction::Respond(_) = r.map_err(|f| anyhow::anyhow!("{f}"))? {
+            return Ok(head);
+        }
+    }
+    if caps.request_body {
+        let (back, r) = version.on_request_body(head, body);
+        head = back;
+        if let BodyAction::Respond(_) = r.map_err(|f| anyhow::anyhow!("{f}"))? {
+            return Ok(head);
+        }
+    }
+    if caps.response_phase || caps.response_body {
+        let mut resp = response_head(sample)?;
+        if caps.response_phase {
+            let (back, r, result) = version.on_response(head, resp);
+            head = back;
+            resp = r;
+            result.map_err(|f| anyhow::anyhow!("{f}"))?;
+        }
+        if caps.response_body {
+            let body = sample.response_body.clone().unwrap_or_default();
+            let (back, _, result) = version.on_response_body(head, resp, &body);
+            head = back;
+            result.map_err(|f| anyhow::anyhow!("{f}"))?;
+        }
+    }
+    Ok(head)
+}
+
+/// Time `calls` requests through every phase the filter asks for and
+/// return the cost per request in microseconds.
 pub fn bench(version: &FilterVersion, sample: &Sample, calls: u64) -> anyhow::Result<f64> {
     let template = request_head(sample)?;
+    let body = sample.body.clone().unwrap_or_default();
     let mut head = RequestHead {
         parts: template.parts.clone(),
         client: template.client,
@@ -183,16 +301,13 @@ pub fn bench(version: &FilterVersion, sample: &Sample, calls: u64) -> anyhow::Re
     };
     // Warm up.
     for _ in 0..(calls / 10).max(10) {
-        let (h, r) = version.on_request(head);
-        r.map_err(|f| anyhow::anyhow!("{f}"))?;
-        head = h;
+        head = one_request(version, sample, &body, head)?;
     }
     let started = Instant::now();
     for _ in 0..calls {
         head.parts.headers = template.parts.headers.clone();
-        let (h, r) = version.on_request(head);
-        r.map_err(|f| anyhow::anyhow!("{f}"))?;
-        head = h;
+        head.parts.uri = template.parts.uri.clone();
+        head = one_request(version, sample, &body, head)?;
     }
     let per_call = started.elapsed().as_secs_f64() * 1e6 / calls as f64;
     Ok(per_call)

@@ -23,6 +23,7 @@ pub struct ProxyBuilder {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     wait_admin: bool,
+    start_timeout: Duration,
 }
 
 impl ProxyBuilder {
@@ -42,6 +43,13 @@ impl ProxyBuilder {
     /// An environment variable for the process (e.g. `RUST_LOG`).
     pub fn env(mut self, key: &str, value: &str) -> ProxyBuilder {
         self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Wait this long for the listeners (filters load before them: compiling
+    /// an 18 MB interpreted-language component takes seconds).
+    pub fn start_timeout(mut self, timeout: Duration) -> ProxyBuilder {
+        self.start_timeout = timeout;
         self
     }
 
@@ -90,9 +98,9 @@ impl ProxyBuilder {
             exited: None,
             dir,
         };
-        proxy.wait_accepting(listen);
+        proxy.wait_accepting(listen, self.start_timeout);
         if let (Some(a), true) = (admin, self.wait_admin) {
-            proxy.wait_accepting(a);
+            proxy.wait_accepting(a, self.start_timeout);
         }
         proxy
     }
@@ -131,6 +139,7 @@ impl Proxy {
             args: Vec::new(),
             envs: Vec::new(),
             wait_admin: true,
+            start_timeout: START_TIMEOUT,
         }
     }
 
@@ -255,8 +264,8 @@ impl Proxy {
 
     /// Poll a TCP connect until it succeeds; panic with the output on
     /// timeout or if the process exits first.
-    fn wait_accepting(&mut self, addr: SocketAddr) {
-        let deadline = Instant::now() + START_TIMEOUT;
+    fn wait_accepting(&mut self, addr: SocketAddr, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         loop {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return;
@@ -271,7 +280,7 @@ impl Proxy {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "sluicegate did not accept on {addr} within {START_TIMEOUT:?}\n{}",
+                    "sluicegate did not accept on {addr} within {timeout:?}\n{}",
                     self.output()
                 );
             }
