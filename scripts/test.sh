@@ -10,6 +10,14 @@ cd "$ROOT"
 echo "== building filters (wasm32-wasip2 components)"
 bash scripts/build-filters.sh
 
+# The status page test renders the admin page in headless Chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (Debian) for the status page test"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi
+
 echo "== building the host (release)"
 cargo build --release -p sluicegate
 

@@ -8,8 +8,12 @@ mod common;
 
 mod balance;
 mod config;
+mod deploy;
+mod drain;
 mod filters;
+mod ops;
 mod proxy;
 mod proxy_errors;
 mod proxy_streams;
 mod reload;
+mod tls;

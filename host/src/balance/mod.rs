@@ -257,6 +257,10 @@ pub struct Upstream {
     pub retries: usize,
     /// Ejection and active check settings.
     pub health: HealthConfig,
+    /// `[upstream.tls]`: endpoints speak TLS.
+    pub tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// Time to the upstream's response head, every attempt.
+    pub latency: metrics::Histogram,
     selector: Box<dyn Selector>,
 }
 
@@ -298,7 +302,16 @@ impl Upstream {
             Some(k) => Some(HashKey::parse(k.get_ref()).map_err(anyhow::Error::msg)?),
             None => None,
         };
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(
+                crate::tls::UpstreamTls::new(t)
+                    .map_err(|e| anyhow::anyhow!("upstream {name}: tls: {e}"))?,
+            )),
+            None => None,
+        };
         Ok(Upstream {
+            tls,
+            latency: metrics::histogram!("sluicegate_upstream_response_seconds", "upstream" => name.clone()),
             name: Arc::from(name.as_str()),
             selector: algorithms::selector(config.balance, &endpoints),
             endpoints,
