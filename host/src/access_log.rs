@@ -134,7 +134,13 @@ impl Entry {
 
     /// `client - - [10/Oct/2000:13:55:36 +0000] "GET /x HTTP/1.1" 200 2326
     /// "referer" "agent" route=R upstream=U ms=1.234`.
-    fn common(&self, status: u16, bytes: Option<u64>, route: &str, upstream: Option<&str>) -> String {
+    fn common(
+        &self,
+        status: u16,
+        bytes: Option<u64>,
+        route: &str,
+        upstream: Option<&str>,
+    ) -> String {
         let bytes = bytes.map_or("-".to_string(), |b| b.to_string());
         format!(
             "{} - - [{}] \"{} {} {:?}\" {status} {bytes} \"{}\" \"{}\" route={} upstream={} ms={:.3}\n",
@@ -221,7 +227,15 @@ fn utc(t: SystemTime) -> (i64, u32, u32, u64, u64, u64, u32) {
     let secs = d.as_secs();
     let (y, m, day) = civil((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    (y, m, day, rem / 3600, rem / 60 % 60, rem % 60, d.subsec_millis())
+    (
+        y,
+        m,
+        day,
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis(),
+    )
 }
 
 /// `10/Oct/2000:13:55:36 +0000`.

@@ -13,8 +13,9 @@ use crate::body::{self, ProxyBody};
 use crate::proxy::Snapshot;
 use crate::reload;
 
-/// Paths open without the token: probes must work without credentials.
-const OPEN: &[&str] = &["/healthz", "/readyz"];
+/// Paths open without the token: probes must work without credentials,
+/// and the status page is static HTML (its script sends the token).
+const OPEN: &[&str] = &["/healthz", "/readyz", "/", "/status"];
 
 /// What replaces a secret's value in `/config`.
 pub const REDACTED: &str = "[redacted]";
@@ -188,7 +189,10 @@ nested = [{ client_secret = "s", id = "i" }]
         for secret in ["t0ken", "k1", "k2", "\"s\""] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
         }
-        assert!(text.contains("cookie:sid") && text.contains("authorization"), "{text}");
+        assert!(
+            text.contains("cookie:sid") && text.contains("authorization"),
+            "{text}"
+        );
         assert!(text.contains("\"id\":\"i\""), "{text}");
     }
 

@@ -162,9 +162,18 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
     // time for load balancers to notice) the listeners close, then
     // in-flight requests finish within drain_ms.
     admin_state.ready.store(false, Ordering::Relaxed);
-    let delay = main_proxy.snapshot.load().config.proxy.timeouts.drain_delay_ms;
+    let delay = main_proxy
+        .snapshot
+        .load()
+        .config
+        .proxy
+        .timeouts
+        .drain_delay_ms;
     if delay > 0 {
-        tracing::info!(ms = delay, "shutting down: not ready; still accepting for drain_delay_ms");
+        tracing::info!(
+            ms = delay,
+            "shutting down: not ready; still accepting for drain_delay_ms"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
     }
     tracing::info!("shutting down: listeners closed, draining in-flight requests");

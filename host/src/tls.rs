@@ -37,8 +37,13 @@ fn provider() -> Arc<CryptoProvider> {
 /// leaf. Errors name the file and the reason.
 pub fn load_certified_key(c: &CertConfig) -> Result<(Arc<CertifiedKey>, Vec<String>), String> {
     let certs = read_certs(&c.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&c.key)
-        .map_err(|e| format!("{}: no usable private key: {}", c.key.display(), pem_error(e)))?;
+    let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|e| {
+        format!(
+            "{}: no usable private key: {}",
+            c.key.display(),
+            pem_error(e)
+        )
+    })?;
     let signing = provider()
         .key_provider
         .load_private_key(key)
@@ -66,7 +71,10 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("{}: {}", path.display(), pem_error(e)))?;
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate in the file", path.display()));
+        return Err(format!(
+            "{}: no PEM certificate in the file",
+            path.display()
+        ));
     }
     Ok(certs)
 }
@@ -314,7 +322,9 @@ async fn reload_on_change(stores: Vec<Arc<CertStore>>, mut rx: mpsc::UnboundedRe
                     metrics::counter!("sluicegate_reloads_total", "kind" => "tls").increment(1);
                     metrics::counter!("sluicegate_reload_failures_total", "kind" => "tls")
                         .increment(1);
-                    tracing::error!("TLS certificate reload rejected, keeping the running certificates: {e}");
+                    tracing::error!(
+                        "TLS certificate reload rejected, keeping the running certificates: {e}"
+                    );
                 }
             }
         }

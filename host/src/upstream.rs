@@ -17,9 +17,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::balance::{InFlight, Upstream};
-use crate::tls::UpstreamTls;
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, MAX_RETRIES};
+use crate::tls::UpstreamTls;
 
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +144,11 @@ impl UpstreamClient {
                     None => break,
                 },
             };
-            let scheme = if upstream.tls.is_some() { "https" } else { "http" };
+            let scheme = if upstream.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             let target = endpoint_uri(scheme, &endpoint.authority, &this.uri);
             let mut req = Request::from_parts(this, body.take().unwrap_or_else(body::empty));
             *req.uri_mut() = target;

@@ -24,8 +24,8 @@ fn manifests() -> BTreeMap<String, Value> {
     let mut all = BTreeMap::new();
     for file in kustomization["resources"].as_sequence().expect("resources") {
         let path = dir.join(file.as_str().unwrap());
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let v = Value::deserialize(doc)
                 .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
@@ -103,7 +103,10 @@ async fn kubernetes_manifests_match_the_config_they_ship() {
     let config_path = Path::new(args[2]);
     let (volume, mount) = volume_at(pod, container, config_path.parent().unwrap());
     assert_eq!(volume["configMap"]["name"], "sluicegate-config");
-    assert!(mount.get("subPath").is_none(), "a subPath mount never sees updates");
+    assert!(
+        mount.get("subPath").is_none(),
+        "a subPath mount never sees updates"
+    );
     let file = config_path.file_name().unwrap().to_str().unwrap();
     let text = cm["data"][file]
         .as_str()
@@ -150,7 +153,10 @@ async fn kubernetes_manifests_match_the_config_they_ship() {
     let filter_dir = Path::new(filters["dir"].as_str().unwrap());
     let (volume, mount) = volume_at(pod, container, filter_dir);
     assert_eq!(volume["configMap"]["name"], "sluicegate-filters");
-    assert!(mount.get("subPath").is_none(), "a subPath mount never sees updates");
+    assert!(
+        mount.get("subPath").is_none(),
+        "a subPath mount never sees updates"
+    );
     get(&all, "ConfigMap/sluicegate-filters");
     // The artifact cache is writable (the root filesystem is read-only).
     let cache_dir = Path::new(filters["cache_dir"].as_str().unwrap());
@@ -210,7 +216,10 @@ async fn kubernetes_manifests_match_the_config_they_ship() {
         .find(|l| l.starts_with("EXPOSE "))
         .expect("EXPOSE");
     for port in [listen, admin] {
-        assert!(expose.split_whitespace().any(|p| p == port.to_string()), "{expose}");
+        assert!(
+            expose.split_whitespace().any(|p| p == port.to_string()),
+            "{expose}"
+        );
     }
     assert!(containerfile.contains("ENTRYPOINT [\"/usr/local/bin/sluicegate\""));
     assert!(

@@ -40,7 +40,7 @@ async fn sigterm_fails_readiness_then_stops_accepting_then_drains() {
         loop {
             let r = client::request(admin, Method::GET, "/readyz", &[], Bytes::new()).await;
             if r.status == StatusCode::SERVICE_UNAVAILABLE {
-                assert_eq!(r.text(), "draining");
+                assert_eq!(r.text().trim(), "draining");
                 return Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -72,10 +72,15 @@ async fn sigterm_fails_readiness_then_stops_accepting_then_drains() {
         "listeners closed {:?} after SIGTERM, before drain_delay_ms",
         closed.duration_since(term)
     );
-    assert!(!in_flight.is_finished(), "the in-flight request ended before the listeners closed");
+    assert!(
+        !in_flight.is_finished(),
+        "the in-flight request ended before the listeners closed"
+    );
     // The admin listener stays up for the probes while draining.
     assert_eq!(
-        client::request(admin, Method::GET, "/healthz", &[], Bytes::new()).await.status,
+        client::request(admin, Method::GET, "/healthz", &[], Bytes::new())
+            .await
+            .status,
         StatusCode::OK
     );
 
@@ -83,14 +88,21 @@ async fn sigterm_fails_readiness_then_stops_accepting_then_drains() {
     let (resp, done) = within(10, "in-flight request", in_flight).await.unwrap();
     assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
     assert_eq!(resp.backend(), "slow");
-    assert!(not_ready < closed && closed < done, "order: not ready, closed, done");
+    assert!(
+        not_ready < closed && closed < done,
+        "order: not ready, closed, done"
+    );
     let status = proxy
         .wait_exit(Duration::from_secs(10))
         .await
         .unwrap_or_else(|| panic!("still running after the drain\n{}", proxy.output()));
     assert!(status.success(), "exit {status}\n{}", proxy.output());
     let log = proxy.output();
-    let a = log.find("still accepting for drain_delay_ms").expect("delay logged");
-    let b = log.find("listeners closed, draining").expect("close logged");
+    let a = log
+        .find("still accepting for drain_delay_ms")
+        .expect("delay logged");
+    let b = log
+        .find("listeners closed, draining")
+        .expect("close logged");
     assert!(a < b, "{log}");
 }

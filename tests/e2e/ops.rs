@@ -38,15 +38,26 @@ async fn admin_token_guards_everything_but_the_probes() {
         .toml()
         .replacen("[proxy]\n", "[proxy]\nadmin_token = \"let-me-in\"\n", 1);
     let p = Proxy::start(&cfg);
-    for open in ["/healthz", "/readyz"] {
-        assert_eq!(admin(&p, Method::GET, open, None).await.status, StatusCode::OK, "{open}");
+    for open in ["/healthz", "/readyz", "/", "/status"] {
+        assert_eq!(
+            admin(&p, Method::GET, open, None).await.status,
+            StatusCode::OK,
+            "{open}"
+        );
     }
-    for guarded in ["/metrics", "/config", "/filters", "/upstreams", "/stats", "/"] {
+    for guarded in ["/metrics", "/config", "/filters", "/upstreams", "/stats"] {
         let resp = admin(&p, Method::GET, guarded, None).await;
         assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{guarded}");
-        assert!(resp.header("www-authenticate").unwrap().starts_with("Bearer"));
+        assert!(resp
+            .header("www-authenticate")
+            .unwrap()
+            .starts_with("Bearer"));
         let resp = admin(&p, Method::GET, guarded, Some("let-me-out")).await;
-        assert_eq!(resp.status, StatusCode::UNAUTHORIZED, "{guarded} with a wrong token");
+        assert_eq!(
+            resp.status,
+            StatusCode::UNAUTHORIZED,
+            "{guarded} with a wrong token"
+        );
         let resp = admin(&p, Method::GET, guarded, Some("let-me-in")).await;
         assert_eq!(resp.status, StatusCode::OK, "{guarded}: {resp:?}");
     }
@@ -84,17 +95,26 @@ async fn config_endpoint_shows_the_running_config_with_secrets_redacted() {
     assert_eq!(c["proxy"]["admin_token"], "[redacted]");
     assert_eq!(c["filters"]["config"]["auth"]["keys"], "[redacted]");
     assert_eq!(c["filters"]["config"]["auth"]["header"], "x-api-user");
-    assert_eq!(c["filters"]["config"]["other"]["client"]["id"], "visible-id");
+    assert_eq!(
+        c["filters"]["config"]["other"]["client"]["id"],
+        "visible-id"
+    );
     assert_eq!(c["upstream"][0]["name"], "app");
     assert_eq!(c["upstream"][0]["endpoints"][0], app.addr().to_string());
-    assert!(v["source"].as_str().unwrap().ends_with("sluicegate.toml"), "{v}");
+    assert!(
+        v["source"].as_str().unwrap().ends_with("sluicegate.toml"),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_reload_applies_a_good_config_and_reports_a_bad_one() {
     let one = Backend::echo("one").await;
     let two = Backend::echo("two").await;
-    let base = Cfg::new().admin().upstream("app", &[one.addr()]).route(None, "/", "app");
+    let base = Cfg::new()
+        .admin()
+        .upstream("app", &[one.addr()])
+        .route(None, "/", "app");
     let p = Proxy::start(&base.toml());
     assert_eq!(p.get("/", &[]).await.backend(), "one");
     let running = std::fs::read_to_string(p.config_path()).unwrap();
@@ -106,7 +126,10 @@ async fn post_reload_applies_a_good_config_and_reports_a_bad_one() {
     let resp = admin(&p, Method::POST, "/reload", None).await;
     assert_eq!(resp.status, StatusCode::UNPROCESSABLE_ENTITY, "{resp:?}");
     let err = json(&resp)["error"].as_str().unwrap().to_string();
-    assert!(err.contains("route[0].upstream") && err.contains("nope"), "{err}");
+    assert!(
+        err.contains("route[0].upstream") && err.contains("nope"),
+        "{err}"
+    );
     assert_eq!(p.get("/", &[]).await.backend(), "one");
 
     let good = running.replace(&one.addr().to_string(), &two.addr().to_string());
@@ -115,7 +138,10 @@ async fn post_reload_applies_a_good_config_and_reports_a_bad_one() {
     assert_eq!(resp.status, StatusCode::OK, "{resp:?}");
     assert_eq!(p.get("/", &[]).await.backend(), "two");
     let config = json(&admin(&p, Method::GET, "/config", None).await);
-    assert_eq!(config["config"]["upstream"][0]["endpoints"][0], two.addr().to_string());
+    assert_eq!(
+        config["config"]["upstream"][0]["endpoints"][0],
+        two.addr().to_string()
+    );
 }
 
 /// The value of the first metric line starting with `prefix`.
@@ -151,23 +177,42 @@ async fn metrics_cover_routes_upstreams_connections_endpoints_and_reloads() {
     assert_eq!(resp.status, StatusCode::OK);
 
     let text = admin(&p, Method::GET, "/metrics", None).await.text();
-    let get = |prefix: &str| {
-        metric(&text, prefix).unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
-    };
-    assert_eq!(get("sluicegate_requests_total{route=\"*/\",status=\"2xx\"}"), 4.0);
-    assert_eq!(get("sluicegate_requests_total{route=\"*/down\",status=\"5xx\"}"), 1.0);
+    let get =
+        |prefix: &str| metric(&text, prefix).unwrap_or_else(|| panic!("no {prefix} in\n{text}"));
+    assert_eq!(
+        get("sluicegate_requests_total{route=\"*/\",status=\"2xx\"}"),
+        4.0
+    );
+    assert_eq!(
+        get("sluicegate_requests_total{route=\"*/down\",status=\"5xx\"}"),
+        1.0
+    );
     assert_eq!(get("sluicegate_request_seconds_count{route=\"*/\"}"), 4.0);
-    assert!(text.contains("sluicegate_request_seconds_bucket{route=\"*/\",le=\""), "{text}");
+    assert!(
+        text.contains("sluicegate_request_seconds_bucket{route=\"*/\",le=\""),
+        "{text}"
+    );
     let ep = app.addr().to_string();
     assert_eq!(
         get(&format!("sluicegate_upstream_requests_total{{upstream=\"app\",endpoint=\"{ep}\",status=\"2xx\"}}")),
         4.0
     );
-    assert_eq!(get("sluicegate_upstream_response_seconds_count{upstream=\"app\"}"), 4.0);
+    assert_eq!(
+        get("sluicegate_upstream_response_seconds_count{upstream=\"app\"}"),
+        4.0
+    );
     assert!(get("sluicegate_open_connections") >= 1.0, "{text}");
-    assert_eq!(get(&format!("sluicegate_endpoint_healthy{{upstream=\"app\",endpoint=\"{ep}\"}}")), 1.0);
+    assert_eq!(
+        get(&format!(
+            "sluicegate_endpoint_healthy{{upstream=\"app\",endpoint=\"{ep}\"}}"
+        )),
+        1.0
+    );
     assert_eq!(get("sluicegate_reloads_total{kind=\"config\"}"), 1.0);
-    assert!(text.contains("# TYPE sluicegate_request_seconds histogram"), "{text}");
+    assert!(
+        text.contains("# TYPE sluicegate_request_seconds histogram"),
+        "{text}"
+    );
 
     let stats = json(&admin(&p, Method::GET, "/stats", None).await);
     assert_eq!(stats["requests"], 5, "{stats}");
@@ -183,13 +228,26 @@ async fn access_log_writes_common_lines_to_stdout() {
         .upstream("app", &[app.addr()])
         .route(None, "/api", "app")
         .toml()
-        .replacen("[proxy]\n", "[proxy.access_log]\nformat = \"common\"\n\n[proxy]\n", 1);
+        .replacen(
+            "[proxy]\n",
+            "[proxy.access_log]\nformat = \"common\"\n\n[proxy]\n",
+            1,
+        );
     let p = Proxy::start(&cfg);
     let resp = p
-        .get("/api/items?id=7", &[("user-agent", "e2e \"quoted\" agent"), ("referer", "http://r.test/")])
+        .get(
+            "/api/items?id=7",
+            &[
+                ("user-agent", "e2e \"quoted\" agent"),
+                ("referer", "http://r.test/"),
+            ],
+        )
         .await;
     assert_eq!(resp.status, StatusCode::OK);
-    assert_eq!(p.get("/nothing-here", &[]).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        p.get("/nothing-here", &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
     p.wait_output("\"GET /nothing-here HTTP/1.1\" 404", 5).await;
     let out = p.stdout_text();
     let line = out
@@ -202,7 +260,9 @@ async fn access_log_writes_common_lines_to_stdout() {
         "{line}"
     );
     assert!(
-        line.contains("\"http://r.test/\" \"e2e \\\"quoted\\\" agent\" route=*/api upstream=app ms="),
+        line.contains(
+            "\"http://r.test/\" \"e2e \\\"quoted\\\" agent\" route=*/api upstream=app ms="
+        ),
         "{line}"
     );
     let miss = out.lines().find(|l| l.contains("/nothing-here")).unwrap();
@@ -224,7 +284,12 @@ async fn access_log_writes_json_lines_to_a_file() {
     let p = Proxy::builder(&cfg).file("logs/.keep", "").start();
     for i in 0..5 {
         let resp = p
-            .request(Method::POST, &format!("/cart/{i}"), &[("host", "shop.test")], "abc")
+            .request(
+                Method::POST,
+                &format!("/cart/{i}"),
+                &[("host", "shop.test")],
+                "abc",
+            )
             .await;
         assert_eq!(resp.status, StatusCode::OK);
     }
@@ -311,12 +376,13 @@ async fn render(url: &str, png: Option<&std::path::Path>) -> String {
 
 /// The text of the element with `id` in a dumped DOM (first occurrence).
 fn text_of(dom: &str, id: &str) -> String {
-    let marker = format!("id=\"{id}\">");
-    let start = dom
+    let marker = format!("id=\"{id}\"");
+    let at = dom
         .find(&marker)
-        .unwrap_or_else(|| panic!("no #{id} in the DOM:\n{dom}"))
-        + marker.len();
-    dom[start..].split('<').next().unwrap_or("").to_string()
+        .unwrap_or_else(|| panic!("no #{id} in the DOM:\n{dom}"));
+    let rest = &dom[at..];
+    let start = rest.find('>').map_or(rest.len(), |i| i + 1);
+    rest[start..].split('<').next().unwrap_or("").to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,7 +443,11 @@ async fn status_page_renders_filters_upstreams_and_counters_in_chromium() {
     let png = dir.path().join("admin.png");
     render(&format!("http://{admin}/#token=page-token"), Some(&png)).await;
     let bytes = std::fs::read(&png).expect("screenshot written");
-    assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000, "{} bytes", bytes.len());
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "{} bytes",
+        bytes.len()
+    );
     if let Ok(dest) = std::env::var("SLUICEGATE_SCREENSHOT") {
         std::fs::copy(&png, dest).expect("copy the screenshot");
     }

@@ -100,7 +100,8 @@ impl Config {
             }
         }
         if let Some(log) = &mut self.proxy.access_log {
-            if !matches!(log.path.as_str(), "stdout" | "stderr") && Path::new(&log.path).is_relative()
+            if !matches!(log.path.as_str(), "stdout" | "stderr")
+                && Path::new(&log.path).is_relative()
             {
                 log.path = base.join(&log.path).display().to_string();
             }
@@ -115,6 +116,14 @@ impl Config {
         let Some(file) = &self.proxy.admin_token_file else {
             return Ok(());
         };
+        if self.proxy.admin_token.is_some() {
+            return Err(ConfigError::Invalid {
+                file: self.source.clone(),
+                line: 0,
+                key: "proxy.admin_token_file".into(),
+                reason: "give admin_token or admin_token_file, not both".into(),
+            });
+        }
         let token = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
             file: self.source.clone(),
             line: 0,
@@ -151,7 +160,11 @@ impl Validator<'_> {
             }
             for (j, c) in l.certs.get_ref().iter().enumerate() {
                 if let Err(reason) = crate::tls::load_certified_key(c) {
-                    return self.error(l.certs.span(), format!("proxy.tls[{i}].certs[{j}]"), reason);
+                    return self.error(
+                        l.certs.span(),
+                        format!("proxy.tls[{i}].certs[{j}]"),
+                        reason,
+                    );
                 }
             }
         }
@@ -162,17 +175,17 @@ impl Validator<'_> {
                 }
                 if up.health.path.is_some() {
                     let reason = "active health checks speak plain HTTP; remove health.path for a TLS upstream (passive ejection still works)".to_string();
-                    return self.error(up.name.span(), format!("upstream[{i}].health.path"), reason);
+                    return self.error(
+                        up.name.span(),
+                        format!("upstream[{i}].health.path"),
+                        reason,
+                    );
                 }
             }
         }
         if config.proxy.admin_token.as_deref() == Some("") {
             let reason = "an empty token would let anyone in; remove the key instead".to_string();
             return self.error(0..0, "proxy.admin_token".into(), reason);
-        }
-        if config.proxy.admin_token.is_some() && config.proxy.admin_token_file.is_some() {
-            let reason = "give admin_token or admin_token_file, not both".to_string();
-            return self.error(0..0, "proxy.admin_token_file".into(), reason);
         }
         Ok(())
     }
@@ -199,13 +212,19 @@ endpoints = ["127.0.0.1:9001"]
         let e = Config::parse(&text, Path::new("/tmp/x.toml"))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("/tmp/x.toml: line 11: proxy.tls[0].certs[0]:"), "{e}");
+        assert!(
+            e.starts_with("/tmp/x.toml: line 11: proxy.tls[0].certs[0]:"),
+            "{e}"
+        );
         assert!(e.contains("/tmp/nope.pem"), "{e}");
         let text = text.replace("127.0.0.1:8443", "127.0.0.1:8080");
         let e = Config::parse(&text, Path::new("/tmp/x.toml"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("proxy.tls[0].listen") && e.contains("already"), "{e}");
+        assert!(
+            e.contains("proxy.tls[0].listen") && e.contains("already"),
+            "{e}"
+        );
     }
 
     #[test]
