@@ -13,6 +13,14 @@ bash scripts/build-filters.sh
 echo "== building Python, JavaScript and C filters and templates (installs their toolchains once)"
 bash scripts/build-lang-filters.sh --templates
 
+# The status page test renders the admin page in headless Chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (Debian) for the status page test"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi
+
 echo "== building the host (release)"
 cargo build --release -p sluicegate
 

@@ -1,6 +1,8 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics` (Prometheus text),
-//! `/filters`, `/upstreams` and `/cache` (JSON), `POST /cache/purge`. Bind
-//! it to loopback.
+//! `/filters`, `/upstreams`, `/cache`, `/stats` and `/config` (JSON),
+//! `POST /reload`, `POST /cache/purge`, and the HTML status page at `/`.
+//! Bind it to loopback; with an admin token, everything but `/healthz` and
+//! `/readyz` asks for it.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -27,6 +29,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Open client connections.
     pub open_connections: Arc<AtomicUsize>,
+    /// The config file `POST /reload` re-reads (none for an embedded config).
+    pub source: Option<std::path::PathBuf>,
 }
 
 /// Serve the admin API on `listener` forever.
@@ -39,13 +43,7 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move {
-                    if req.method() == Method::POST && req.uri().path() == "/cache/purge" {
-                        let cache = state.proxy.snapshot.load().cache.clone();
-                        return Ok(crate::cache::admin::purge_request(&cache, req).await);
-                    }
-                    Ok::<_, Infallible>(route(&state, req))
-                }
+                async move { Ok::<_, Infallible>(crate::admin_ops::handle(&state, req, route).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -55,6 +53,9 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener) {
 }
 
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
+    if let Some(resp) = crate::admin_ops::route(state, &req) {
+        return resp;
+    }
     if req.method() != Method::GET {
         return body::text_response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -70,6 +71,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
         "/metrics" => {
             metrics::gauge!("sluicegate_open_connections")
                 .set(state.open_connections.load(Ordering::Relaxed) as f64);
+            crate::admin_ops::endpoint_gauges(&state.proxy.snapshot.load());
             let mut resp = Response::new(body::full(state.metrics.render()));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -148,7 +150,7 @@ fn upstream_json(u: &Upstream) -> serde_json::Value {
     })
 }
 
-fn json(value: &serde_json::Value) -> Response<ProxyBody> {
+pub(crate) fn json(value: &serde_json::Value) -> Response<ProxyBody> {
     let mut resp = Response::new(body::full(value.to_string()));
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,

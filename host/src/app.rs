@@ -88,24 +88,46 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
         })
     };
 
+    crate::status::mark_start();
+    if let Some(log) = &config.proxy.access_log {
+        crate::access_log::init(log)?;
+    }
+    let tls = config
+        .proxy
+        .tls
+        .iter()
+        .map(crate::tls::TlsListener::new)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let workers = config.proxy.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let addrs = config.listen_addrs();
+    // Plain listeners, then TLS ones (with their acceptors).
+    let addrs: Vec<_> = config
+        .listen_addrs()
+        .into_iter()
+        .map(|a| (a, None))
+        .chain(
+            config
+                .tls_addrs()
+                .into_iter()
+                .zip(tls.iter().map(|t| Some(t.acceptor.clone()))),
+        )
+        .collect();
     // Bind everything before serving, so a taken port fails the start.
     let mut bound = Vec::new();
     for _ in 0..workers {
         let listeners = addrs
             .iter()
-            .map(|a| server::bind_std(*a))
+            .map(|(a, tls)| Ok((server::bind_std(*a)?, tls.clone())))
             .collect::<anyhow::Result<Vec<_>>>()?;
         bound.push(listeners);
     }
-    for addr in &addrs {
-        tracing::info!(%addr, workers, "listening");
+    for (addr, tls) in &addrs {
+        tracing::info!(%addr, workers, tls = tls.is_some(), "listening");
     }
+    let _cert_watcher = crate::tls::watch(&tls);
     let (stop_tx, stop_rx) = watch::channel(false);
     let open = Arc::new(AtomicUsize::new(0));
     let mut threads = Vec::new();
@@ -126,8 +148,12 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
         metrics,
         ready: AtomicBool::new(true),
         open_connections: open,
+        source: source.clone(),
     });
     if let Some(addr) = config.admin_addr() {
+        if !addr.ip().is_loopback() && config.proxy.admin_token.is_none() {
+            tracing::warn!(%addr, "the admin API listens beyond loopback without admin_token: anyone who reaches it can read /config and trigger reloads");
+        }
         let listener = tokio::net::TcpListener::from_std(server::bind_std(addr)?)?;
         tracing::info!(%addr, "admin listening");
         tokio::spawn(admin::serve(admin_state.clone(), listener));
@@ -138,8 +164,25 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
     let _watcher = reload::watch(main_proxy.clone(), source.clone());
 
     wait_for_stop(&main_proxy, source).await;
+    // Drain in order: readiness fails first, then (after drain_delay_ms,
+    // time for load balancers to notice) the listeners close, then
+    // in-flight requests finish within drain_ms.
     admin_state.ready.store(false, Ordering::Relaxed);
-    tracing::info!("shutting down: draining in-flight requests");
+    let delay = main_proxy
+        .snapshot
+        .load()
+        .config
+        .proxy
+        .timeouts
+        .drain_delay_ms;
+    if delay > 0 {
+        tracing::info!(
+            ms = delay,
+            "shutting down: not ready; still accepting for drain_delay_ms"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
+    tracing::info!("shutting down: listeners closed, draining in-flight requests");
     let _ = stop_tx.send(true);
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
@@ -151,7 +194,7 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
 /// One worker thread: a single-threaded runtime serving its listeners.
 fn worker(
     proxy: Arc<Proxy>,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(std::net::TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
     stop: watch::Receiver<bool>,
     open: Arc<AtomicUsize>,
 ) {
@@ -167,13 +210,14 @@ fn worker(
     };
     rt.block_on(async move {
         let mut tasks = Vec::new();
-        for l in listeners {
+        for (l, tls) in listeners {
             match tokio::net::TcpListener::from_std(l) {
                 Ok(l) => tasks.push(tokio::spawn(server::serve(
                     proxy.clone(),
                     l,
                     stop.clone(),
                     open.clone(),
+                    tls,
                 ))),
                 Err(e) => tracing::error!(error = %e, "cannot register a listener"),
             }
@@ -203,7 +247,7 @@ async fn wait_for_stop(proxy: &Arc<Proxy>, source: Option<PathBuf>) {
             _ = hup.recv() => {
                 if let Some(path) = &source {
                     tracing::info!("SIGHUP: reloading configuration");
-                    reload::reload_config(proxy.clone(), path.clone()).await;
+                    let _ = reload::reload_config(proxy.clone(), path.clone()).await;
                 }
             }
         }

@@ -7,7 +7,9 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access_log;
 pub mod admin;
+pub mod admin_ops;
 pub mod app;
 pub mod balance;
 pub mod body;
@@ -20,4 +22,6 @@ pub mod proxy;
 pub mod reload;
 pub mod route;
 pub mod server;
+pub mod status;
+pub mod tls;
 pub mod upstream;

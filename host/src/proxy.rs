@@ -57,6 +57,7 @@ pub struct Snapshot {
 struct RouteMetrics {
     by_class: [metrics::Counter; 5],
     latency: metrics::Histogram,
+    label: Arc<str>,
 }
 
 impl RouteMetrics {
@@ -65,6 +66,7 @@ impl RouteMetrics {
         RouteMetrics {
             by_class: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
             latency: metrics::histogram!("sluicegate_request_seconds", "route" => label.to_string()),
+            label: Arc::from(label),
         }
     }
 }
@@ -143,6 +145,7 @@ impl Proxy {
         conn: ConnInfo,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
+        let log = crate::access_log::begin(&req, &conn);
         let snap = self.snapshot.load_full();
         let (resp, route) = self.journey(&snap, req, conn).await;
         let status = resp.status().as_u16();
@@ -153,7 +156,11 @@ impl Proxy {
         if let Some(m) = m {
             m.by_class[class].increment(1);
             m.latency.record(started.elapsed().as_secs_f64());
+            if let Some(entry) = log {
+                entry.finish(&resp, &m.label);
+            }
         }
+        crate::status::count_response(class);
         resp
     }
 
@@ -261,6 +268,11 @@ impl Proxy {
             }
             (Err(e), _) => error_response(&upstream.name, &e),
         };
+        let mut resp = resp;
+        if crate::access_log::enabled() {
+            let name = crate::access_log::UpstreamName(upstream.name.clone());
+            resp.extensions_mut().insert(name);
+        }
         (
             self.finish_opt(chain.as_ref(), ran, head, resp).await,
             label,

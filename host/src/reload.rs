@@ -84,7 +84,9 @@ async fn debounced(
             }
         }
         match (&config_file, config) {
-            (Some(path), true) => reload_config(proxy.clone(), path.clone()).await,
+            (Some(path), true) => {
+                let _ = reload_config(proxy.clone(), path.clone()).await;
+            }
             _ => reload_filters(proxy.clone()).await,
         }
     }
@@ -111,8 +113,9 @@ pub async fn reload_filters(proxy: Arc<Proxy>) {
     );
 }
 
-/// Re-read the config; swap it in if valid, else keep the running one.
-pub async fn reload_config(proxy: Arc<Proxy>, path: PathBuf) {
+/// Re-read the config; swap it in if valid, else keep the running one
+/// (and say why).
+pub async fn reload_config(proxy: Arc<Proxy>, path: PathBuf) -> Result<(), String> {
     let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
     metrics::counter!("sluicegate_reloads_total", "kind" => "config").increment(1);
     let config = match loaded {
@@ -120,17 +123,22 @@ pub async fn reload_config(proxy: Arc<Proxy>, path: PathBuf) {
         Ok(Err(e)) => {
             metrics::counter!("sluicegate_reload_failures_total", "kind" => "config").increment(1);
             tracing::error!("config reload rejected, keeping the running config: {e}");
-            return;
+            return Err(e.to_string());
         }
         Err(e) => {
             tracing::error!(error = %e, "config reload task failed");
-            return;
+            return Err(e.to_string());
         }
     };
     let old = proxy.snapshot.load_full();
     let filters_changed = format!("{:?}", old.config.filters) != format!("{:?}", config.filters);
     if config.filters.dir.is_some() && proxy.filters.is_none() {
         tracing::warn!("[filters] was added to the config; enabling filters needs a restart");
+    }
+    if format!("{:?}", old.config.proxy.tls) != format!("{:?}", config.proxy.tls)
+        || old.config.proxy.listen != config.proxy.listen
+    {
+        tracing::warn!("listeners changed in the config; they apply after a restart (certificate files reload by themselves)");
     }
     // Names are resolved before the swap, so new endpoints take traffic at once.
     let dns = Arc::new(crate::balance::dns::resolve(&config, &old.dns).await);
@@ -141,12 +149,13 @@ pub async fn reload_config(proxy: Arc<Proxy>, path: PathBuf) {
     if let Err(e) = swapped {
         metrics::counter!("sluicegate_reload_failures_total", "kind" => "config").increment(1);
         tracing::error!("config reload rejected: {e:#}");
-        return;
+        return Err(format!("{e:#}"));
     }
     tracing::info!("configuration reloaded");
     if filters_changed {
         reload_filters(proxy).await;
     }
+    Ok(())
 }
 
 /// Replace the live snapshot with what `build` makes of it (`None`: keep

@@ -40,12 +40,15 @@ pub fn bind_std(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Serve clients on `listener` until `shutdown` flips, then drain.
+/// Serve clients on `listener` until `shutdown` flips, then drain. With
+/// `tls`, each connection first completes a TLS handshake (ALPN picks h2 or
+/// HTTP/1.1; the connection builder serves either).
 pub async fn serve(
     proxy: Arc<Proxy>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
     open: Arc<AtomicUsize>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let graceful = GracefulShutdown::new();
     let builder = connection_builder(&proxy);
@@ -63,10 +66,12 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let proxy = proxy.clone();
-                let conn_info = ConnInfo { client, scheme: "http" };
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let conn_info = ConnInfo { client, scheme };
                 let idle = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.idle_ms);
+                let handshake = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.header_read_ms);
                 let inflight = Arc::new(AtomicUsize::new(0));
-                let io = TokioIo::new(IdleTimeout::new(stream, idle, inflight.clone()));
+                let io = IdleTimeout::new(stream, idle, inflight.clone());
                 let service = service_fn(move |req| {
                     let proxy = proxy.clone();
                     let guard = InFlight::new(inflight.clone());
@@ -77,6 +82,22 @@ pub async fn serve(
                     });
                     fut
                 });
+                if let Some(acceptor) = &tls {
+                    let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
+                    let open = open.clone();
+                    open.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        if let Some(stream) = crate::tls::handshake(&acceptor, io, handshake, client).await {
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                            if let Err(e) = watcher.watch(conn).await {
+                                tracing::debug!(client = %client, error = %e, "TLS connection ended with an error");
+                            }
+                        }
+                        open.fetch_sub(1, Ordering::Relaxed);
+                    });
+                    continue;
+                }
+                let io = TokioIo::new(io);
                 let conn = builder.serve_connection_with_upgrades(io, service).into_owned();
                 let conn = graceful.watch(conn);
                 let open = open.clone();

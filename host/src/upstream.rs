@@ -13,10 +13,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use crate::balance::limits::{RetryTicket, Slot};
 use crate::balance::{InFlight, Upstream};
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, MAX_RETRIES};
+use crate::tls::UpstreamTls;
 
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -55,31 +59,51 @@ pub enum ForwardError {
     },
 }
 
+/// A pooled client that speaks TLS to its endpoints.
+type TlsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
+
 /// The shared HTTP client with a keep-alive pool per endpoint.
 #[derive(Clone)]
 pub struct UpstreamClient {
     client: Client<HttpConnector, ProxyBody>,
     response_timeout: Duration,
+    connect_timeout: Duration,
+    idle_per_host: usize,
+    /// One client per `[upstream.tls]` version, made on first use (no I/O:
+    /// the TLS config was built with the snapshot).
+    tls: Arc<parking_lot::Mutex<HashMap<u64, TlsClient>>>,
 }
 
 impl UpstreamClient {
     /// A client configured from `[proxy]`.
     pub fn new(config: &Config) -> UpstreamClient {
         let t = &config.proxy.timeouts;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_millis(t.connect_ms)));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(config.proxy.limits.upstream_idle_per_host)
-            .set_host(false)
-            .build(connector);
+        let connect_timeout = Duration::from_millis(t.connect_ms);
+        let idle_per_host = config.proxy.limits.upstream_idle_per_host;
+        let connector = http_connector(connect_timeout, true);
         UpstreamClient {
-            client,
+            client: pooled(idle_per_host).build(connector),
             response_timeout: Duration::from_millis(t.upstream_response_ms),
+            connect_timeout,
+            idle_per_host,
+            tls: Arc::default(),
         }
+    }
+
+    /// The TLS client for `tls` (made once per worker and TLS version).
+    fn tls_client(&self, tls: &UpstreamTls) -> TlsClient {
+        let mut map = self.tls.lock();
+        if let Some(c) = map.get(&tls.id) {
+            return c.clone();
+        }
+        // Old versions (before a reload) are dropped once there are many.
+        if map.len() >= 64 {
+            map.clear();
+        }
+        let connector = tls.connector(http_connector(self.connect_timeout, false));
+        let client = pooled(self.idle_per_host).build(connector);
+        map.insert(tls.id, client.clone());
+        client
     }
 
     /// Send `req` (whose URI holds only the path and query) to an endpoint
@@ -147,13 +171,22 @@ impl UpstreamClient {
                     None => break,
                 },
             };
-            let target = endpoint_uri(&endpoint.authority, &this.uri);
+            let scheme = if upstream.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let target = endpoint_uri(scheme, &endpoint.authority, &this.uri);
             let mut req = Request::from_parts(this, body.take().unwrap_or_else(body::empty));
             *req.uri_mut() = target;
             let started = Instant::now();
-            let result =
-                tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+            let sent = match &upstream.tls {
+                Some(tls) => self.tls_client(tls).request(req),
+                None => self.client.request(req),
+            };
+            let result = tokio::time::timeout(self.response_timeout, sent).await;
             let rtt = started.elapsed();
+            upstream.latency.record(rtt.as_secs_f64());
             let failure = match result {
                 Ok(Ok(resp)) => {
                     let status = resp.status();
@@ -256,11 +289,31 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// `http://<endpoint><path-and-query>`.
-fn endpoint_uri(authority: &http::uri::Authority, original: &Uri) -> Uri {
+/// A TCP connector with the proxy's settings (`plain_only`: refuse
+/// `https` URIs; the TLS connector wraps one that allows them).
+fn http_connector(connect_timeout: Duration, plain_only: bool) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.enforce_http(plain_only);
+    connector
+}
+
+/// A client builder with the pool settings shared by plain and TLS clients.
+fn pooled(idle_per_host: usize) -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(idle_per_host)
+        .set_host(false);
+    b
+}
+
+/// `<scheme>://<endpoint><path-and-query>`.
+fn endpoint_uri(scheme: &str, authority: &http::uri::Authority, original: &Uri) -> Uri {
     let pq = original.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     Uri::builder()
-        .scheme("http")
+        .scheme(scheme)
         .authority(authority.clone())
         .path_and_query(pq)
         .build()

@@ -299,6 +299,10 @@ pub struct Upstream {
     pub admission: Option<Arc<Admission>>,
     /// `[upstream.retry_budget]`.
     pub retry_budget: Arc<RetryBudget>,
+    /// `[upstream.tls]`: endpoints speak TLS.
+    pub tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// Time to the upstream's response head, every attempt.
+    pub latency: metrics::Histogram,
     selector: Box<dyn Selector>,
 }
 
@@ -355,7 +359,16 @@ impl Upstream {
             Some(b) if b.config == config.retry_budget => b.clone(),
             _ => Arc::new(RetryBudget::new(&config.retry_budget)),
         };
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(
+                crate::tls::UpstreamTls::new(t)
+                    .map_err(|e| anyhow::anyhow!("upstream {name}: tls: {e}"))?,
+            )),
+            None => None,
+        };
         Ok(Upstream {
+            tls,
+            latency: metrics::histogram!("sluicegate_upstream_response_seconds", "upstream" => name.clone()),
             name: Arc::from(name.as_str()),
             selector: algorithms::selector(config.balance, &endpoints),
             endpoints,

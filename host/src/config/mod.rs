@@ -12,8 +12,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod cache;
+mod ops;
 mod upstream;
 pub use cache::*;
+pub use ops::*;
 pub use upstream::*;
 
 /// A configuration error: which file, which line, which key, and why.
@@ -70,6 +72,9 @@ pub struct Config {
     /// Where this config was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
+    /// The text it was parsed from (for the admin API's `/config`).
+    #[serde(skip)]
+    pub text: String,
 }
 
 /// `[proxy]`.
@@ -77,6 +82,7 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// Addresses to serve HTTP/1.1 and h2c (prior knowledge) on.
+    #[serde(default)]
     pub listen: Vec<Spanned<String>>,
     /// Optional admin listener: `/healthz`, `/readyz`, `/metrics`, `/filters`.
     pub admin: Option<Spanned<String>>,
@@ -94,6 +100,15 @@ pub struct ProxyConfig {
     /// `[proxy.dns]`: resolving endpoints given by name.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// `[[proxy.tls]]`: listeners that terminate TLS.
+    #[serde(default)]
+    pub tls: Vec<TlsListenerConfig>,
+    /// `[proxy.access_log]`: one line per request (absent: no access log).
+    pub access_log: Option<AccessLogConfig>,
+    /// Bearer token the admin API asks for (`/healthz` and `/readyz` stay open).
+    pub admin_token: Option<String>,
+    /// A file holding the admin token (e.g. a mounted Kubernetes Secret).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 fn default_via() -> String {
@@ -114,6 +129,9 @@ pub struct Timeouts {
     pub idle_ms: u64,
     /// Graceful shutdown: how long in-flight requests may take to finish.
     pub drain_ms: u64,
+    /// Graceful shutdown: how long `/readyz` fails before the listeners
+    /// close (time for a load balancer to stop sending new connections).
+    pub drain_delay_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -124,6 +142,7 @@ impl Default for Timeouts {
             upstream_response_ms: 30_000,
             idle_ms: 60_000,
             drain_ms: 10_000,
+            drain_delay_ms: 0,
         }
     }
 }
@@ -305,7 +324,9 @@ impl Config {
             message: e.to_string().trim_end().replace('\n', "\n  "),
         })?;
         config.source = path.to_path_buf();
+        config.text = text.to_string();
         config.resolve_paths(path);
+        config.read_admin_token()?;
         Validator { text, file: path }.validate(&config)?;
         Ok(config)
     }
@@ -322,6 +343,7 @@ impl Config {
                 self.filters.cache_dir = Some(base.join(dir));
             }
         }
+        self.resolve_ops_paths(base);
     }
 
     /// The listener addresses, already validated.
@@ -373,11 +395,11 @@ impl Validator<'_> {
 
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         let proxy = &config.proxy;
-        if proxy.listen.is_empty() {
+        if proxy.listen.is_empty() && proxy.tls.is_empty() {
             return self.error(
                 0..0,
                 "proxy.listen".into(),
-                "at least one address is required".into(),
+                "at least one address (or a [[proxy.tls]] listener) is required".into(),
             );
         }
         for (i, addr) in proxy.listen.iter().enumerate() {
@@ -429,6 +451,7 @@ impl Validator<'_> {
             }
             self.validate_balance(i, up)?;
         }
+        self.validate_ops(config)?;
         for (i, route) in config.routes.iter().enumerate() {
             if !route.path_prefix.starts_with('/') {
                 let reason = format!("{:?} must start with '/'", route.path_prefix);

@@ -26,6 +26,8 @@ pub struct UpstreamConfig {
     /// `[upstream.health]`: passive ejection and active checks.
     #[serde(default)]
     pub health: HealthConfig,
+    /// `[upstream.tls]`: connect to the endpoints over TLS.
+    pub tls: Option<super::UpstreamTlsConfig>,
     /// `[upstream.limits]`: concurrency limits, answered with 503 past them.
     #[serde(default)]
     pub limits: UpstreamLimits,
