@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod limits;
 mod upstream;
+pub use limits::*;
 pub use upstream::*;
 
 /// A configuration error: which file, which line, which key, and why.
@@ -86,6 +88,10 @@ pub struct ProxyConfig {
     /// `[proxy.limits]`.
     #[serde(default)]
     pub limits: Limits,
+    /// Origin response headers removed before the client sees them (e.g.
+    /// `server`, `x-powered-by`); see docs/security.md.
+    #[serde(default)]
+    pub hide_response_headers: Vec<Spanned<String>>,
 }
 
 fn default_via() -> String {
@@ -128,6 +134,24 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Idle keep-alive connections kept per upstream endpoint.
     pub upstream_idle_per_host: usize,
+    /// Most request header fields (431 past it). See `config/limits.rs` for
+    /// the keys below.
+    pub max_headers: usize,
+    /// Largest request body, bytes (413); 0 = unlimited. Routes may override.
+    pub max_body_bytes: u64,
+    /// Most open connections from one client IP address; 0 = unlimited.
+    pub max_connections_per_ip: usize,
+    /// Most open client connections in all; past it new clients wait in the
+    /// listen backlog. 0 = three quarters of the open-file limit.
+    pub max_connections: usize,
+    /// Requests on one HTTP/1.1 connection, then `Connection: close`; 0 = unlimited.
+    pub max_requests_per_connection: u64,
+    /// HTTP/2 streams in flight per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may reset before they are accepted (CVE-2023-44487).
+    pub h2_max_pending_reset_streams: usize,
+    /// HTTP/2 streams the proxy may reset for client errors before GOAWAY.
+    pub h2_max_local_error_reset_streams: usize,
 }
 
 impl Default for Limits {
@@ -135,6 +159,14 @@ impl Default for Limits {
         Limits {
             max_header_bytes: 64 * 1024,
             upstream_idle_per_host: 256,
+            max_headers: 100,
+            max_body_bytes: 0,
+            max_connections_per_ip: 0,
+            max_connections: 0,
+            max_requests_per_connection: 0,
+            h2_max_concurrent_streams: 256,
+            h2_max_pending_reset_streams: 20,
+            h2_max_local_error_reset_streams: 1024,
         }
     }
 }
@@ -153,6 +185,10 @@ pub struct RouteConfig {
     /// Filters run on this route: request phase in order, response reversed.
     #[serde(default)]
     pub filters: Vec<Spanned<String>>,
+    /// `rate_limit = { rps, burst, key }`: a token bucket (429 past it).
+    pub rate_limit: Option<Spanned<RateLimitConfig>>,
+    /// Largest request body on this route, bytes (overrides `[proxy.limits]`).
+    pub max_body_bytes: Option<Spanned<u64>>,
 }
 
 fn default_prefix() -> String {
@@ -451,6 +487,7 @@ impl Validator<'_> {
                 return self.error(route.upstream.span(), format!("route[{i}].filters"), reason);
             }
         }
+        self.validate_protection(config)?;
         for (name, policy) in &config.filters.policy {
             if policy.timeout_ms == Some(0) || policy.memory_mb == Some(0) {
                 return self.error(
