@@ -23,22 +23,44 @@ struct Input {
 }
 
 const NAMES: [&str; 14] = [
-    "cache-control", "vary", "expires", "date", "age", "last-modified", "etag", "pragma",
-    "authorization", "accept-encoding", "accept-language", "cookie", "set-cookie", "x-custom",
+    "cache-control",
+    "vary",
+    "expires",
+    "date",
+    "age",
+    "last-modified",
+    "etag",
+    "pragma",
+    "authorization",
+    "accept-encoding",
+    "accept-language",
+    "cookie",
+    "set-cookie",
+    "x-custom",
 ];
 
 fn headers<B>(b: http::request::Builder, fields: &[(u8, Vec<u8>)]) -> http::request::Builder {
     let _ = std::marker::PhantomData::<B>;
-    fields.iter().fold(b, |b, (n, v)| match HeaderValue::from_bytes(v) {
-        Ok(v) => b.header(HeaderName::from_static(NAMES[*n as usize % NAMES.len()]), v),
-        Err(_) => b,
-    })
+    fields
+        .iter()
+        .fold(b, |b, (n, v)| match HeaderValue::from_bytes(v) {
+            Ok(v) => b.header(HeaderName::from_static(NAMES[*n as usize % NAMES.len()]), v),
+            Err(_) => b,
+        })
 }
 
 fuzz_target!(|input: Input| {
     let method = ["GET", "HEAD", "POST", "PUT", "OPTIONS"][input.method as usize % 5];
-    let Ok(req) = headers::<()>(http::Request::builder().method(method).uri("http://a/x"), &input.req).body(()) else { return };
-    let mut resp = http::Response::builder().status(http::StatusCode::from_u16(input.status.clamp(100, 999)).unwrap_or(http::StatusCode::OK));
+    let Ok(req) = headers::<()>(
+        http::Request::builder().method(method).uri("http://a/x"),
+        &input.req,
+    )
+    .body(()) else {
+        return;
+    };
+    let mut resp = http::Response::builder().status(
+        http::StatusCode::from_u16(input.status.clamp(100, 999)).unwrap_or(http::StatusCode::OK),
+    );
     for (n, v) in &input.resp {
         if let Ok(v) = HeaderValue::from_bytes(v) {
             resp = resp.header(HeaderName::from_static(NAMES[*n as usize % NAMES.len()]), v);
@@ -46,17 +68,33 @@ fuzz_target!(|input: Input| {
     }
     let Ok(resp) = resp.body(()) else { return };
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-    let opts = CacheOptions { shared: true, ..Default::default() };
+    let opts = CacheOptions {
+        shared: true,
+        ..Default::default()
+    };
     let policy = CachePolicy::new_options(&req, &resp, now, opts);
     let storable = policy.is_storable();
-    let cc = resp.headers().get_all("cache-control").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",").to_ascii_lowercase();
+    let cc = resp
+        .headers()
+        .get_all("cache-control")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",")
+        .to_ascii_lowercase();
     if cc.split(',').any(|d| d.trim() == "no-store") {
         assert!(!storable, "no-store stored: {cc}");
     }
     let later = now + Duration::from_secs(u64::from(input.age));
     let _ = policy.time_to_live(later);
     let _ = policy.is_stale(later);
-    let Ok(again) = headers::<()>(http::Request::builder().method(method).uri("http://a/x"), &input.again).body(()) else { return };
+    let Ok(again) = headers::<()>(
+        http::Request::builder().method(method).uri("http://a/x"),
+        &input.again,
+    )
+    .body(()) else {
+        return;
+    };
     let _ = policy.before_request(&again, later);
     let _ = policy.after_response(&again, &resp, later);
 });

@@ -7,7 +7,9 @@ use sluicegate_fuzz::config::Config;
 use sluicegate_fuzz::route::RouteTable;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(config) = Config::parse(text, std::path::Path::new("fuzz.toml")) {
         let table = RouteTable::new(&config);
         let (host, path) = text.split_at(text.len() / 2);

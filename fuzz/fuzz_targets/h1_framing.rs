@@ -29,8 +29,16 @@ struct Pieces {
 }
 
 impl AsyncRead for Pieces {
-    fn poll_read(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let cut = self.cuts.get(self.n).map(|&c| c as usize + 1).unwrap_or(usize::MAX);
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let cut = self
+            .cuts
+            .get(self.n)
+            .map(|&c| c as usize + 1)
+            .unwrap_or(usize::MAX);
         self.n += 1;
         let n = cut.min(self.bytes.len() - self.at).min(buf.remaining());
         let at = self.at;
@@ -41,9 +49,19 @@ impl AsyncRead for Pieces {
 }
 
 fuzz_target!(|input: Input| {
-    let src = Pieces { bytes: input.bytes.clone(), at: 0, cuts: input.cuts, n: 0 };
+    let src = Pieces {
+        bytes: input.bytes.clone(),
+        at: 0,
+        cuts: input.cuts,
+        n: 0,
+    };
     let max_head = usize::from(input.max_head).max(64);
-    let mut guard = StrictH1::new(src, max_head, usize::from(input.max_headers).max(1), "127.0.0.1:1".parse().unwrap());
+    let mut guard = StrictH1::new(
+        src,
+        max_head,
+        usize::from(input.max_headers).max(1),
+        "127.0.0.1:1".parse().unwrap(),
+    );
     let mut cx = Context::from_waker(Waker::noop());
     let mut out = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -61,5 +79,8 @@ fuzz_target!(|input: Input| {
     let replaced = [&b"\x01 / HTTP/1.1\r\n\r\n"[..], b"zz\r\n"]
         .iter()
         .any(|r| out.ends_with(r) && input.bytes.starts_with(&out[..out.len() - r.len()]));
-    assert!(replaced, "output is neither the input nor a prefix plus a replacement");
+    assert!(
+        replaced,
+        "output is neither the input nor a prefix plus a replacement"
+    );
 });

@@ -19,14 +19,24 @@ struct Input {
 }
 
 const HOP: [&str; 9] = [
-    "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
-    "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
 ];
 
 fuzz_target!(|input: Input| {
     let mut h = HeaderMap::new();
     for (n, v) in &input.fields {
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_bytes(v)) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
             h.append(n, v);
         }
     }
@@ -44,10 +54,18 @@ fuzz_target!(|input: Input| {
         assert!(!stripped.contains_key(name), "{name} survived");
     }
     for name in &named {
-        assert!(!stripped.contains_key(name), "{name} (named in Connection) survived");
+        assert!(
+            !stripped.contains_key(name),
+            "{name} (named in Connection) survived"
+        );
     }
     let host = stripped.get("host").cloned();
-    headers::add_forwarded(&mut stripped, input.client.into(), if input.https { "https" } else { "http" }, host.as_ref());
+    headers::add_forwarded(
+        &mut stripped,
+        input.client.into(),
+        if input.https { "https" } else { "http" },
+        host.as_ref(),
+    );
     headers::add_via(&mut stripped, http::Version::HTTP_11, "sluicegate");
     assert!(stripped.contains_key("x-forwarded-for") && stripped.contains_key("via"));
 
@@ -58,8 +76,14 @@ fuzz_target!(|input: Input| {
     for name in ["location", "content-location", "refresh"] {
         if let Some(v) = h.get(name).and_then(|v| v.to_str().ok()) {
             let lower = v.to_ascii_lowercase();
-            let first_url = ["http://10.1.2.3:8080", "https://10.1.2.3:8080", "//10.1.2.3:8080"];
-            let leaked = first_url.iter().any(|u| lower.find(u).is_some_and(|i| !lower[..i].contains("//")));
+            let first_url = [
+                "http://10.1.2.3:8080",
+                "https://10.1.2.3:8080",
+                "//10.1.2.3:8080",
+            ];
+            let leaked = first_url
+                .iter()
+                .any(|u| lower.find(u).is_some_and(|i| !lower[..i].contains("//")));
             assert!(!leaked, "{name}: {v}");
         }
     }

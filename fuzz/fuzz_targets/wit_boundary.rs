@@ -17,9 +17,15 @@ use sluicegate::filter::tool::{self, Sample};
 fn filter() -> &'static FilterVersion {
     static F: OnceLock<FilterVersion> = OnceLock::new();
     F.get_or_init(|| {
-        let wasm = std::env::var("FUZZ_GUEST_WASM")
-            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/filters/fuzz-guest.wasm").to_string());
-        tool::load(std::path::Path::new(&wasm), None, Isolation::Pool).expect("load fuzz-guest.wasm")
+        let wasm = std::env::var("FUZZ_GUEST_WASM").unwrap_or_else(|_| {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/filters/fuzz-guest.wasm"
+            )
+            .to_string()
+        });
+        tool::load(std::path::Path::new(&wasm), None, Isolation::Pool)
+            .expect("load fuzz-guest.wasm")
     })
 }
 
@@ -30,13 +36,19 @@ fuzz_target!(|data: &[u8]| {
         headers: vec![format!("x-fuzz: {hex}"), "host: fuzz.test".into()],
         ..Default::default()
     };
-    let Ok(head) = tool::request_head(&sample) else { return };
+    let Ok(head) = tool::request_head(&sample) else {
+        return;
+    };
     let version = filter();
     let (head, _action) = version.on_request(head);
-    let resp = ResponseHead { parts: http::Response::new(()).into_parts().0 };
+    let resp = ResponseHead {
+        parts: http::Response::new(()).into_parts().0,
+    };
     let (_head, resp, _action) = version.on_response(head, resp);
     // Whatever the guest did, the head it leaves is still a valid one.
     for (name, value) in &resp.parts.headers {
-        assert!(!name.as_str().is_empty() && value.as_bytes().iter().all(|&b| b != b'\n' && b != b'\r'));
+        assert!(
+            !name.as_str().is_empty() && value.as_bytes().iter().all(|&b| b != b'\n' && b != b'\r')
+        );
     }
 });

@@ -248,7 +248,8 @@ impl Proxy {
                 headers::remove_hop_by_hop(&mut parts.headers);
                 let is_endpoint = |authority: &str| {
                     let eps = upstream.endpoints.as_slice();
-                    eps.iter().any(|e| origin::same_authority(authority, &e.addr))
+                    eps.iter()
+                        .any(|e| origin::same_authority(authority, &e.addr))
                 };
                 origin::hide_origin(
                     &mut parts.headers,

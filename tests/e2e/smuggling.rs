@@ -31,8 +31,16 @@ impl Counting {
                 let (parts, body) = req.into_parts();
                 let framing = format!(
                     "cl={:?} te={:?}",
-                    parts.headers.get_all("content-length").iter().collect::<Vec<_>>(),
-                    parts.headers.get_all("transfer-encoding").iter().collect::<Vec<_>>(),
+                    parts
+                        .headers
+                        .get_all("content-length")
+                        .iter()
+                        .collect::<Vec<_>>(),
+                    parts
+                        .headers
+                        .get_all("transfer-encoding")
+                        .iter()
+                        .collect::<Vec<_>>(),
                 );
                 match body.collect().await {
                     Ok(b) => {
@@ -113,7 +121,11 @@ async fn assert_refused(cases: &[(&str, &[u8])], body_level: bool) {
     for (what, bytes) in cases {
         let x = within(10, what, exchange(&p, bytes)).await;
         assert_eq!(x.statuses().first(), Some(&400), "{what}: {:?}", x.text());
-        assert!(x.closed, "{what}: the connection must be closed: {:?}", x.text());
+        assert!(
+            x.closed,
+            "{what}: the connection must be closed: {:?}",
+            x.text()
+        );
         assert!(
             !x.text().contains("origin"),
             "{what}: the origin answered: {:?}",
@@ -122,12 +134,20 @@ async fn assert_refused(cases: &[(&str, &[u8])], body_level: bool) {
     }
     // Let any stray request arrive before counting.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(origin.complete(), 0, "no complete request reached the origin");
+    assert_eq!(
+        origin.complete(),
+        0,
+        "no complete request reached the origin"
+    );
     if !body_level {
         assert_eq!(origin.heads(), 0, "no request head reached the origin");
     }
     // The proxy still serves well-formed requests.
-    let x = exchange(&p, b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    let x = exchange(
+        &p,
+        b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert_eq!(x.statuses(), vec![200], "{}", x.text());
 }
 
@@ -184,12 +204,27 @@ async fn transfer_encoding_other_than_chunked_is_refused() {
 async fn obs_fold_bare_cr_and_bare_lf_are_refused() {
     assert_refused(
         &[
-            ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n 2\r\n\r\n"),
-            ("folded TE", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n"),
-            ("bare CR in a value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\rX-B: 2\r\n\r\n"),
-            ("bare LF line end", b"GET / HTTP/1.1\r\nHost: a\nX-A: 1\r\n\r\n"),
+            (
+                "obs-fold",
+                b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n 2\r\n\r\n",
+            ),
+            (
+                "folded TE",
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "bare CR in a value",
+                b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\rX-B: 2\r\n\r\n",
+            ),
+            (
+                "bare LF line end",
+                b"GET / HTTP/1.1\r\nHost: a\nX-A: 1\r\n\r\n",
+            ),
             ("bare LF head", b"GET / HTTP/1.1\nHost: a\n\n"),
-            ("bare LF hiding a header", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            (
+                "bare LF hiding a header",
+                b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ),
         ],
         false,
     )
@@ -200,14 +235,32 @@ async fn obs_fold_bare_cr_and_bare_lf_are_refused() {
 async fn invalid_header_names_and_values_are_refused() {
     assert_refused(
         &[
-            ("space before colon", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n"),
-            ("space in name", b"GET / HTTP/1.1\r\nHost: a\r\nX A: 1\r\n\r\n"),
+            (
+                "space before colon",
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "space in name",
+                b"GET / HTTP/1.1\r\nHost: a\r\nX A: 1\r\n\r\n",
+            ),
             ("no colon", b"GET / HTTP/1.1\r\nHost: a\r\nX-A\r\n\r\n"),
             ("empty name", b"GET / HTTP/1.1\r\nHost: a\r\n: 1\r\n\r\n"),
-            ("non-token name", b"GET / HTTP/1.1\r\nHost: a\r\nX[A]: 1\r\n\r\n"),
-            ("NUL in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\x002\r\n\r\n"),
-            ("control byte in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\x012\r\n\r\n"),
-            ("DEL in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\x7f2\r\n\r\n"),
+            (
+                "non-token name",
+                b"GET / HTTP/1.1\r\nHost: a\r\nX[A]: 1\r\n\r\n",
+            ),
+            (
+                "NUL in value",
+                b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\x002\r\n\r\n",
+            ),
+            (
+                "control byte in value",
+                b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\x012\r\n\r\n",
+            ),
+            (
+                "DEL in value",
+                b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\x7f2\r\n\r\n",
+            ),
             ("two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
         ],
         false,
@@ -268,7 +321,11 @@ async fn what_goes_upstream_is_normalised() {
         b"POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2;ext=1\r\nhe\r\n3\r\nllo\r\n0\r\nX-T: 1\r\n\r\n",
     )
     .await;
-    assert!(x.text().contains("cl=[] te=[\"chunked\"] len=5"), "{}", x.text());
+    assert!(
+        x.text().contains("cl=[] te=[\"chunked\"] len=5"),
+        "{}",
+        x.text()
+    );
     // Three pipelined requests on one connection, all well formed, served in order.
     let x = exchange(
         &p,
@@ -289,5 +346,9 @@ GET /3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     assert_eq!(x.statuses(), vec![200, 400], "{}", x.text());
     assert!(x.closed);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(origin.complete(), 6, "only the good request reached the origin");
+    assert_eq!(
+        origin.complete(),
+        6,
+        "only the good request reached the origin"
+    );
 }

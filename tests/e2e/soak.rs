@@ -24,7 +24,10 @@ use crate::common::{client, rss_kib, within, Backend, Cfg, H1Conn, H2Conn, Proxy
 
 /// A built filter (`scripts/build-filters.sh`).
 fn wasm(name: &str) -> Vec<u8> {
-    let path = format!("{}/../target/filters/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/../target/filters/{name}.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    );
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (run scripts/build-filters.sh)"))
 }
 
@@ -32,7 +35,6 @@ fn wasm(name: &str) -> Vec<u8> {
 /// at once, like a crashed process — and restarted on the same address.
 struct Killable {
     addr: SocketAddr,
-    served: Arc<AtomicUsize>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -74,7 +76,10 @@ impl Killable {
                 }
             }
         });
-        Killable { addr, served, task: Some(task) }
+        Killable {
+            addr,
+            task: Some(task),
+        }
     }
 
     /// Drop the listener and every connection.
@@ -93,7 +98,12 @@ impl Drop for Killable {
 
 /// Keep-alive GET load on `path` from `workers` clients until `stop`:
 /// (ok, failed, first failures).
-async fn load(addr: SocketAddr, path: &'static str, workers: usize, stop: Arc<AtomicBool>) -> (usize, usize, Vec<String>) {
+async fn load(
+    addr: SocketAddr,
+    path: &'static str,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> (usize, usize, Vec<String>) {
     let mut tasks = JoinSet::new();
     for _ in 0..workers {
         let stop = stop.clone();
@@ -102,7 +112,8 @@ async fn load(addr: SocketAddr, path: &'static str, workers: usize, stop: Arc<At
             let mut conn: H1Conn = H1Conn::connect(addr).await;
             while !stop.load(Ordering::Relaxed) {
                 let req = client::build(Method::GET, path, &[], Bytes::new());
-                let r = tokio::time::timeout(Duration::from_secs(10), conn.send_streaming(req)).await;
+                let r =
+                    tokio::time::timeout(Duration::from_secs(10), conn.send_streaming(req)).await;
                 match r {
                     Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
                         let _ = crate::common::Resp::collect(resp).await;
@@ -145,7 +156,10 @@ async fn an_endpoint_killed_and_restarted_under_load_fails_no_idempotent_request
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(load(p.addr(), "/", 8, stop.clone()));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(served_a.load(Ordering::SeqCst) > 0, "A served before it died");
+    assert!(
+        served_a.load(Ordering::SeqCst) > 0,
+        "A served before it died"
+    );
     a.kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let a_dead = served_a.load(Ordering::SeqCst);
@@ -160,7 +174,11 @@ async fn an_endpoint_killed_and_restarted_under_load_fails_no_idempotent_request
     stop.store(true, Ordering::Relaxed);
     let (ok, failed, why) = within(30, "load stops", load).await.unwrap();
     drop(a);
-    eprintln!("killed-endpoint load: {ok} ok, {failed} failed; A {} B {}", served_a.load(Ordering::SeqCst), served_b.load(Ordering::SeqCst));
+    eprintln!(
+        "killed-endpoint load: {ok} ok, {failed} failed; A {} B {}",
+        served_a.load(Ordering::SeqCst),
+        served_b.load(Ordering::SeqCst)
+    );
     assert_eq!(failed, 0, "failed idempotent requests: {why:?}");
     assert!(ok > 500, "only {ok} requests in the run");
 }
@@ -170,7 +188,11 @@ const MARKER: &[u8] = b"SGVERSION:";
 /// The `versioned` filter stamped with `version` (a new content hash).
 fn versioned(version: u32) -> Vec<u8> {
     let mut bytes = wasm("versioned");
-    let at = bytes.windows(MARKER.len()).position(|w| w == MARKER).expect("marker") + MARKER.len();
+    let at = bytes
+        .windows(MARKER.len())
+        .position(|w| w == MARKER)
+        .expect("marker")
+        + MARKER.len();
     bytes[at..at + 10].copy_from_slice(format!("{version:010}").as_bytes());
     bytes
 }
@@ -236,7 +258,10 @@ async fn a_reload_storm_under_load_fails_no_request() {
     stop.store(true, Ordering::Relaxed);
     let (ok, failed, why) = within(30, "load stops", load).await.unwrap();
     let h2n = within(30, "h2 stops", h2).await.unwrap();
-    eprintln!("reload storm ({:?}): {ok} h1 ok, {failed} failed, {h2n} h2 ok", started.elapsed());
+    eprintln!(
+        "reload storm ({:?}): {ok} h1 ok, {failed} failed, {h2n} h2 ok",
+        started.elapsed()
+    );
     assert_eq!(failed, 0, "{why:?}");
     assert!(ok > 100 && h2n > 20);
     let filters = within(10, "admin", p.admin_get("/filters")).await.text();
@@ -258,21 +283,38 @@ async fn every_hostile_filter_at_once_while_other_routes_keep_serving() {
         .route_with_filters(None, "/fuzz", "app", &["fuzz-guest"])
         .extra("[filters]\ndir = \"@DIR@/filters\"\ntimeout_ms = 20\nmemory_mb = 16\n[filters.policy.hostile-memory]\ntimeout_ms = 1000\n");
     let mut b = Proxy::builder(&cfg.toml());
-    for f in ["add-header", "hostile-loop", "hostile-memory", "hostile-trap", "hostile-huge-header", "fuzz-guest"] {
+    for f in [
+        "add-header",
+        "hostile-loop",
+        "hostile-memory",
+        "hostile-trap",
+        "hostile-huge-header",
+        "fuzz-guest",
+    ] {
         b = b.file(&format!("filters/{f}.wasm"), wasm(f));
     }
     let p = b.start();
     let addr = p.addr();
     let stop = Arc::new(AtomicBool::new(false));
     let mut attackers = JoinSet::new();
-    for (i, path) in ["/loop", "/memory", "/trap", "/huge", "/fuzz", "/loop"].into_iter().enumerate() {
+    for (i, path) in ["/loop", "/memory", "/trap", "/huge", "/fuzz", "/loop"]
+        .into_iter()
+        .enumerate()
+    {
         let stop = stop.clone();
         attackers.spawn(async move {
             let mut codes = std::collections::BTreeMap::new();
             let mut rng = fastrand::Rng::with_seed(i as u64);
             while !stop.load(Ordering::Relaxed) {
-                let prog: String = (0..rng.usize(0..200)).map(|_| format!("{:02x}", rng.u8(..))).collect();
-                let r = within(30, path, client::request(addr, Method::GET, path, &[("x-fuzz", &prog)], Bytes::new())).await;
+                let prog: String = (0..rng.usize(0..200))
+                    .map(|_| format!("{:02x}", rng.u8(..)))
+                    .collect();
+                let r = within(
+                    30,
+                    path,
+                    client::request(addr, Method::GET, path, &[("x-fuzz", &prog)], Bytes::new()),
+                )
+                .await;
                 *codes.entry(r.status.as_u16()).or_insert(0usize) += 1;
             }
             (path, codes)
@@ -299,12 +341,27 @@ async fn every_hostile_filter_at_once_while_other_routes_keep_serving() {
         let total: usize = codes.values().sum();
         assert!(total > 0, "{path} was attacked");
         match *path {
-            "/loop" | "/memory" | "/trap" => assert_eq!(codes.keys().collect::<Vec<_>>(), vec![&500], "{path}: {codes:?}"),
-            "/huge" => assert_eq!(codes.keys().collect::<Vec<_>>(), vec![&200], "{path}: {codes:?}"),
+            "/loop" | "/memory" | "/trap" => assert_eq!(
+                codes.keys().collect::<Vec<_>>(),
+                vec![&500],
+                "{path}: {codes:?}"
+            ),
+            // 10,001 header writes: served (the host refuses the extra
+            // headers) or, when the CPU deadline hits first under load, 500.
+            "/huge" => assert!(
+                codes.keys().all(|c| [200, 500].contains(c)) && codes.contains_key(&200),
+                "{path}: {codes:?}"
+            ),
             _ => {}
         }
     }
-    assert_eq!(within(10, "healthz", p.admin_get("/healthz")).await.text().trim(), "ok");
+    assert_eq!(
+        within(10, "healthz", p.admin_get("/healthz"))
+            .await
+            .text()
+            .trim(),
+        "ok"
+    );
     assert!(!p.stderr_text().contains("panicked"), "{}", p.output());
 }
 
@@ -316,33 +373,62 @@ async fn random_host_call_programs_across_the_wit_boundary_are_contained() {
         .upstream("app", &[app.addr()])
         .route_with_filters(None, "/", "app", &["fuzz-guest"])
         .extra("[filters]\ndir = \"@DIR@/filters\"\n");
-    let p = Proxy::builder(&cfg.toml()).file("filters/fuzz-guest.wasm", wasm("fuzz-guest")).start();
-    let seed: u64 = std::env::var("SLUICEGATE_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
+    let p = Proxy::builder(&cfg.toml())
+        .file("filters/fuzz-guest.wasm", wasm("fuzz-guest"))
+        .start();
+    let seed: u64 = std::env::var("SLUICEGATE_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed);
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut statuses = std::collections::BTreeMap::new();
     for i in 0..400 {
-        let prog: String = (0..rng.usize(0..600)).map(|_| format!("{:02x}", rng.u8(..))).collect();
+        let prog: String = (0..rng.usize(0..600))
+            .map(|_| format!("{:02x}", rng.u8(..)))
+            .collect();
         let (method, body) = if rng.bool() {
             (Method::POST, vec![b'b'; rng.usize(0..4096)])
         } else {
             (Method::GET, Vec::new())
         };
         let mut conn: H1Conn = H1Conn::connect(p.addr()).await;
-        let req = client::build(method, &format!("/r{i}?q=1"), &[("x-fuzz", &prog)], Bytes::from(body));
-        let r = within(15, &format!("program {i} (seed {seed})"), conn.send_streaming(req)).await;
+        let req = client::build(
+            method,
+            &format!("/r{i}?q=1"),
+            &[("x-fuzz", &prog)],
+            Bytes::from(body),
+        );
+        let r = within(
+            15,
+            &format!("program {i} (seed {seed})"),
+            conn.send_streaming(req),
+        )
+        .await;
         let r = match r {
             Ok(r) => r,
             Err(e) => panic!("program {i} (seed {seed}, x-fuzz {prog}): no response: {e}"),
         };
         let status = r.status().as_u16();
         let body = within(15, "body", crate::common::Resp::collect(r)).await;
-        assert!(body.is_ok(), "program {i} (seed {seed}, x-fuzz {prog}): broken body: {body:?}");
+        assert!(
+            body.is_ok(),
+            "program {i} (seed {seed}, x-fuzz {prog}): broken body: {body:?}"
+        );
         *statuses.entry(status).or_insert(0usize) += 1;
     }
     eprintln!("wit fuzz (seed {seed}): statuses {statuses:?}");
-    assert!(statuses.len() > 3, "the programs reached several outcomes: {statuses:?}");
+    assert!(
+        statuses.len() > 3,
+        "the programs reached several outcomes: {statuses:?}"
+    );
     // Still healthy; nothing panicked.
-    assert_eq!(within(10, "healthz", p.admin_get("/healthz")).await.text().trim(), "ok");
+    assert_eq!(
+        within(10, "healthz", p.admin_get("/healthz"))
+            .await
+            .text()
+            .trim(),
+        "ok"
+    );
     assert!(!p.stderr_text().contains("panicked"), "{}", p.output());
     let r = p.get("/", &[]).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -351,7 +437,9 @@ async fn random_host_call_programs_across_the_wit_boundary_are_contained() {
 /// Raise this process's open-file limit; the soft limit reached.
 fn raise_nofile(want: u64) -> u64 {
     let _ = rlimit::increase_nofile_limit(want);
-    rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(0)
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(0)
 }
 
 /// Send `GET /` on `s` and read one response; its status.
@@ -369,7 +457,11 @@ async fn get_on(s: &mut TcpStream) -> std::io::Result<u16> {
         if let Some(end) = text.find("\r\n\r\n") {
             let len: usize = text[..end]
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len {
                 return Ok(text[9..12].parse().unwrap_or(0));
@@ -383,7 +475,11 @@ async fn get_on(s: &mut TcpStream) -> std::io::Result<u16> {
 async fn ten_thousand_concurrent_connections_are_all_served() {
     const N: usize = 10_000;
     let soft = raise_nofile(N as u64 + 2_000);
-    assert!(soft >= N as u64 + 1_000, "this test needs an open-file limit of {} (hard limit too low: {soft})", N + 1_000);
+    assert!(
+        soft >= N as u64 + 1_000,
+        "this test needs an open-file limit of {} (hard limit too low: {soft})",
+        N + 1_000
+    );
     let app = Backend::echo("app").await;
     let toml = Cfg::new()
         .admin()
@@ -437,9 +533,17 @@ async fn ten_thousand_concurrent_connections_are_all_served() {
         .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
         .unwrap_or(0.0);
     eprintln!("10k connections: opened in {opened:?}, all served in {:?}; {ok} ok; proxy RSS {} MiB; open gauge {gauge}", started.elapsed(), rss / 1024);
-    assert!(bad.is_empty(), "{} failed, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    assert!(
+        bad.is_empty(),
+        "{} failed, e.g. {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
     assert_eq!(ok, N);
-    assert!(gauge >= N as f64, "the proxy holds every connection open at once ({gauge})");
+    assert!(
+        gauge >= N as f64,
+        "the proxy holds every connection open at once ({gauge})"
+    );
     // Still serving new clients.
     assert_eq!(p.get("/", &[]).await.status, StatusCode::OK);
     drop(kept);
@@ -448,22 +552,34 @@ async fn ten_thousand_concurrent_connections_are_all_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_its_file_descriptor_limit_the_proxy_queues_new_clients_and_keeps_serving() {
     let app = Backend::echo("app").await;
-    let toml = Cfg::new().upstream("app", &[app.addr()]).route(None, "/", "app").toml();
+    let toml = Cfg::new()
+        .upstream("app", &[app.addr()])
+        .route(None, "/", "app")
+        .toml();
     // 256 descriptors: the proxy admits about 160 client connections and
     // keeps the rest for upstream connections, files and filters.
     let p = Proxy::builder(&toml).nofile(256).start();
     let mut idle = Vec::new();
     for _ in 0..300 {
-        idle.push(TcpStream::connect(p.addr()).await.expect("connect (kernel backlog)"));
+        idle.push(
+            TcpStream::connect(p.addr())
+                .await
+                .expect("connect (kernel backlog)"),
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // An early connection was admitted and is served.
-    let status = within(10, "an admitted connection is served", get_on(&mut idle[0])).await.unwrap();
+    let status = within(10, "an admitted connection is served", get_on(&mut idle[0]))
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     // A new client waits in the backlog rather than being refused or failing.
     let mut late = TcpStream::connect(p.addr()).await.unwrap();
     let waiting = tokio::time::timeout(Duration::from_millis(800), get_on(&mut late)).await;
-    assert!(waiting.is_err(), "the late client is queued, not answered: {waiting:?}");
+    assert!(
+        waiting.is_err(),
+        "the late client is queued, not answered: {waiting:?}"
+    );
     // Idle clients leave: the late one is admitted and served.
     idle.truncate(1);
     let status = within(15, "the queued client is served", async {
@@ -481,14 +597,24 @@ async fn at_its_file_descriptor_limit_the_proxy_queues_new_clients_and_keeps_ser
     .await;
     assert_eq!(status, "200");
     let out = p.output();
-    assert!(!out.contains("accept failed"), "no accept error at the limit:\n{out}");
-    assert!(!out.contains("upstream unavailable") && !out.contains("connect failed"), "{out}");
+    assert!(
+        !out.contains("accept failed"),
+        "no accept error at the limit:\n{out}"
+    );
+    assert!(
+        !out.contains("upstream unavailable") && !out.contains("connect failed"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run alone by scripts/test.sh"]
 async fn soak_under_mixed_load_shows_no_memory_growth() {
-    let secs: u64 = std::env::var("SLUICEGATE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120).max(20);
+    let secs: u64 = std::env::var("SLUICEGATE_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120)
+        .max(20);
     let app = Backend::echo("app").await;
     let toml = Cfg::new()
         .admin()
@@ -509,23 +635,56 @@ async fn soak_under_mixed_load_shows_no_memory_growth() {
     let mut tasks = JoinSet::new();
     // Keep-alive GETs, new connections with filters, uploads, h2 streams,
     // rate-limited clients (distinct keys) and smuggling attempts.
-    tasks.spawn(load_task(stop.clone(), served.clone(), failures.clone(), move |i| async move {
-        client::request(addr, Method::GET, "/", &[], Bytes::new()).await.status == StatusCode::OK || i == usize::MAX
-    }));
-    tasks.spawn(load_task(stop.clone(), served.clone(), failures.clone(), move |i| async move {
-        let prog = format!("{:02x}{:02x}", i % 251, (i * 7) % 253);
-        let r = client::request(addr, Method::GET, "/f", &[("x-fuzz", &prog)], Bytes::new()).await;
-        r.status.as_u16() > 0
-    }));
-    tasks.spawn(load_task(stop.clone(), served.clone(), failures.clone(), move |_| async move {
-        let r = client::request(addr, Method::POST, "/", &[], Bytes::from(vec![7u8; 64 * 1024])).await;
-        r.status == StatusCode::OK && r.echo().body_len == 64 * 1024
-    }));
-    tasks.spawn(load_task(stop.clone(), served.clone(), failures.clone(), move |i| async move {
-        let user = format!("u{i}");
-        let r = client::request(addr, Method::GET, "/rl", &[("x-user", &user)], Bytes::new()).await;
-        matches!(r.status.as_u16(), 200 | 429)
-    }));
+    tasks.spawn(load_task(
+        stop.clone(),
+        served.clone(),
+        failures.clone(),
+        move |i| async move {
+            let _ = i;
+            client::request(addr, Method::GET, "/", &[], Bytes::new())
+                .await
+                .status
+                == StatusCode::OK
+        },
+    ));
+    tasks.spawn(load_task(
+        stop.clone(),
+        served.clone(),
+        failures.clone(),
+        move |i| async move {
+            let prog = format!("{:02x}{:02x}", i % 251, (i * 7) % 253);
+            let r =
+                client::request(addr, Method::GET, "/f", &[("x-fuzz", &prog)], Bytes::new()).await;
+            r.status.as_u16() > 0
+        },
+    ));
+    tasks.spawn(load_task(
+        stop.clone(),
+        served.clone(),
+        failures.clone(),
+        move |_| async move {
+            let r = client::request(
+                addr,
+                Method::POST,
+                "/",
+                &[],
+                Bytes::from(vec![7u8; 64 * 1024]),
+            )
+            .await;
+            r.status == StatusCode::OK && r.echo().body_len == 64 * 1024
+        },
+    ));
+    tasks.spawn(load_task(
+        stop.clone(),
+        served.clone(),
+        failures.clone(),
+        move |i| async move {
+            let user = format!("u{i}");
+            let r =
+                client::request(addr, Method::GET, "/rl", &[("x-user", &user)], Bytes::new()).await;
+            matches!(r.status.as_u16(), 200 | 429)
+        },
+    ));
     tasks.spawn(load_task(stop.clone(), served.clone(), failures.clone(), move |_| async move {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let _ = s
@@ -559,7 +718,13 @@ async fn soak_under_mixed_load_shows_no_memory_growth() {
     stop.store(true, Ordering::Relaxed);
     while within(30, "load stops", tasks.join_next()).await.is_some() {}
     let n = samples.len();
-    let window = |from: f64, to: f64| samples[(n as f64 * from) as usize..(n as f64 * to) as usize].iter().copied().max().unwrap_or(0);
+    let window = |from: f64, to: f64| {
+        samples[(n as f64 * from) as usize..(n as f64 * to) as usize]
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    };
     let warm = window(0.25, 0.5);
     let late = window(0.75, 1.0);
     eprintln!(
@@ -572,13 +737,26 @@ async fn soak_under_mixed_load_shows_no_memory_growth() {
     assert_eq!(failures.load(Ordering::Relaxed), 0);
     assert!(served.load(Ordering::Relaxed) > secs as usize * 20);
     let allowed = warm + (warm / 10).max(8 * 1024);
-    assert!(late <= allowed, "memory grew: warm {warm} KiB, late {late} KiB (allowed {allowed})");
-    assert_eq!(within(10, "healthz", p.admin_get("/healthz")).await.text().trim(), "ok");
+    assert!(
+        late <= allowed,
+        "memory grew: warm {warm} KiB, late {late} KiB (allowed {allowed})"
+    );
+    assert_eq!(
+        within(10, "healthz", p.admin_get("/healthz"))
+            .await
+            .text()
+            .trim(),
+        "ok"
+    );
 }
 
 /// Run `one(i)` in a loop until `stop`, counting successes and failures.
-async fn load_task<F, Fut>(stop: Arc<AtomicBool>, served: Arc<AtomicUsize>, failed: Arc<AtomicUsize>, one: F)
-where
+async fn load_task<F, Fut>(
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    one: F,
+) where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {

@@ -19,8 +19,18 @@ const MAX_OPS: usize = 64;
 
 /// Names the program may pick, so valid calls are common too.
 const NAMES: [&str; 12] = [
-    "x-a", "host", "content-length", "transfer-encoding", "connection", "set-cookie",
-    "location", "x-fuzz", "", "Bad Name", "x-\u{e9}", ":path",
+    "x-a",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "set-cookie",
+    "location",
+    "x-fuzz",
+    "",
+    "Bad Name",
+    "x-\u{e9}",
+    ":path",
 ];
 
 /// The program: bytes read in order, zeros past the end.
@@ -37,7 +47,11 @@ impl Prog {
             .chunks(2)
             .filter_map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
             .collect();
-        let at = if bytes.is_empty() { 0 } else { offset % bytes.len() };
+        let at = if bytes.is_empty() {
+            0
+        } else {
+            offset % bytes.len()
+        };
         Prog { bytes, at }
     }
 
@@ -81,8 +95,13 @@ impl Prog {
     }
 
     fn local(&mut self) -> LocalResponse {
-        let status = u16::from_be_bytes([self.byte(), self.byte()]);
-        let mut resp = LocalResponse::new(status % 700).with_body(self.data());
+        const USUAL: [u16; 10] = [200, 201, 204, 301, 302, 400, 403, 404, 418, 503];
+        let status = match self.byte() {
+            // Now and then any u16: the host must refuse the invalid ones.
+            b if b % 8 == 0 => u16::from_be_bytes([self.byte(), self.byte()]),
+            b => USUAL[b as usize % USUAL.len()],
+        };
+        let mut resp = LocalResponse::new(status).with_body(self.data());
         for _ in 0..self.byte() % 4 {
             resp = resp.with_header(self.text(), self.text());
         }
@@ -105,8 +124,13 @@ impl Prog {
             }
             5 => metrics::counter_add(&self.text(), self.u64()),
             6 => {
-                let level = [LogLevel::Trace, LogLevel::Debug, LogLevel::Info, LogLevel::Warn, LogLevel::Error]
-                    [self.byte() as usize % 5];
+                let level = [
+                    LogLevel::Trace,
+                    LogLevel::Debug,
+                    LogLevel::Info,
+                    LogLevel::Warn,
+                    LogLevel::Error,
+                ][self.byte() as usize % 5];
                 log::write(level, self.text())
             }
             _ => drop((env::now_ms(), env::monotonic_ns(), env::random_u64())),
@@ -126,7 +150,13 @@ impl Prog {
                 4 => drop(req.append_header(&self.text(), &self.text())),
                 5 => req.remove_header(&self.text()),
                 6 => drop(req.set_path(&self.text())),
-                7 => drop((req.method(), req.path(), req.authority(), req.scheme(), req.client_addr())),
+                7 => drop((
+                    req.method(),
+                    req.path(),
+                    req.authority(),
+                    req.scheme(),
+                    req.client_addr(),
+                )),
                 op => self.shared_call(op - 8),
             }
         }
@@ -150,6 +180,10 @@ impl Prog {
     }
 
     fn body_action(&mut self) -> BodyAction {
+        if self.bytes.len() < 3 {
+            return BodyAction::Continue;
+        }
+        self.at = 2;
         match self.byte() % 4 {
             0 => BodyAction::replace(self.data()),
             1 => self.local().into(),
@@ -170,8 +204,11 @@ impl Filter for FuzzGuest {
     fn on_request(&mut self, req: &Request) -> RequestAction {
         let mut p = Prog::from_request(req, 0);
         p.request_calls(req);
+        // The action is picked by the program's first bytes, not by where
+        // the calls happened to stop.
+        p.at = 0;
         match p.byte() % 8 {
-            0 => p.local().into(),
+            0 if !p.bytes.is_empty() => p.local().into(),
             1 => RequestAction::route(p.text()),
             _ => RequestAction::Continue,
         }
@@ -186,7 +223,8 @@ impl Filter for FuzzGuest {
     fn on_response(&mut self, req: &Request, resp: &Response) -> ResponseAction {
         let mut p = Prog::from_request(req, 13);
         p.response_calls(resp);
-        if p.byte() % 8 == 0 {
+        p.at = 1;
+        if p.bytes.len() > 1 && p.byte() % 8 == 0 {
             if resp.set_status(u16::from(p.byte()) * 3).is_err() {
                 return p.local().into();
             }

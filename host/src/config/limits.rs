@@ -70,7 +70,11 @@ impl Validator<'_> {
             return self.error(0..0, key("max_headers"), "must be 1..=10000".into());
         }
         if l.max_header_bytes < 1024 {
-            return self.error(0..0, key("max_header_bytes"), "must be at least 1024".into());
+            return self.error(
+                0..0,
+                key("max_header_bytes"),
+                "must be at least 1024".into(),
+            );
         }
         if l.h2_max_concurrent_streams == 0 {
             return self.error(
@@ -82,7 +86,11 @@ impl Validator<'_> {
         for (i, h) in config.proxy.hide_response_headers.iter().enumerate() {
             if http::HeaderName::from_bytes(h.get_ref().as_bytes()).is_err() {
                 let reason = format!("{:?} is not a header name", h.get_ref());
-                return self.error(h.span(), format!("proxy.hide_response_headers[{i}]"), reason);
+                return self.error(
+                    h.span(),
+                    format!("proxy.hide_response_headers[{i}]"),
+                    reason,
+                );
             }
         }
         for (i, route) in config.routes.iter().enumerate() {
@@ -125,25 +133,47 @@ mod tests {
         let c = Config::parse(&ok, Path::new("x.toml")).unwrap();
         let rl = c.routes[0].rate_limit.as_ref().unwrap().get_ref();
         assert_eq!(rl.burst(), 5);
-        assert_eq!(rl.key().unwrap(), RateKey::Header("x-user".parse().unwrap()));
+        assert_eq!(
+            rl.key().unwrap(),
+            RateKey::Header("x-user".parse().unwrap())
+        );
         let bad = format!("{BASE}rate_limit = {{ rps = 5, key = \"cookie\" }}\n");
-        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
-        assert!(e.starts_with("x.toml: line 8: route[0].rate_limit.key:"), "{e}");
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("x.toml: line 8: route[0].rate_limit.key:"),
+            "{e}"
+        );
         let bad = format!("{BASE}rate_limit = {{ rps = 0 }}\n");
-        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rps must be"), "{e}");
         let bad = format!("{BASE}rate_limit = {{ rps = 1, bursts = 2 }}\n");
-        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bursts"), "{e}");
     }
 
     #[test]
     fn limits_validate() {
-        let bad = BASE.replace("[[upstream]]", "[proxy.limits]\nmax_headers = 0\n[[upstream]]");
-        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        let bad = BASE.replace(
+            "[[upstream]]",
+            "[proxy.limits]\nmax_headers = 0\n[[upstream]]",
+        );
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("proxy.limits.max_headers"), "{e}");
-        let bad = BASE.replace("[[upstream]]", "hide_response_headers = [\"bad header\"]\n[[upstream]]");
-        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        let bad = BASE.replace(
+            "[[upstream]]",
+            "hide_response_headers = [\"bad header\"]\n[[upstream]]",
+        );
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("proxy.hide_response_headers[0]"), "{e}");
     }
 }

@@ -124,14 +124,22 @@ impl<T> StrictH1<T> {
                 State::Body(left) => {
                     let n = (left.min(self.inbox.len() as u64)) as usize;
                     self.release(n);
-                    self.state = if left == n as u64 { State::Head } else { State::Body(left - n as u64) };
+                    self.state = if left == n as u64 {
+                        State::Head
+                    } else {
+                        State::Body(left - n as u64)
+                    };
                     n > 0
                 }
                 State::ChunkSize => self.step_chunk_size(),
                 State::ChunkData(left) => {
                     let n = (left.min(self.inbox.len() as u64)) as usize;
                     self.release(n);
-                    self.state = if left == n as u64 { State::ChunkEnd } else { State::ChunkData(left - n as u64) };
+                    self.state = if left == n as u64 {
+                        State::ChunkEnd
+                    } else {
+                        State::ChunkData(left - n as u64)
+                    };
                     n > 0
                 }
                 State::ChunkEnd => {
@@ -165,7 +173,11 @@ impl<T> StrictH1<T> {
 
     fn step_head(&mut self) -> bool {
         // Empty lines before a request line are allowed (RFC 9112 §2.2).
-        let blank = self.inbox.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+        let blank = self
+            .inbox
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
         if blank > 0 {
             self.release(blank);
         }
@@ -221,7 +233,11 @@ impl<T> StrictH1<T> {
         match chunk_size(&self.inbox[..=nl]) {
             Some(size) => {
                 self.release(nl + 1);
-                self.state = if size == 0 { State::Trailers(0) } else { State::ChunkData(size) };
+                self.state = if size == 0 {
+                    State::Trailers(0)
+                } else {
+                    State::ChunkData(size)
+                };
                 true
             }
             None => {
@@ -249,7 +265,11 @@ impl<T> StrictH1<T> {
         }
         let last = nl == 1;
         self.release(nl + 1);
-        self.state = if last { State::Head } else { State::Trailers(seen + nl + 1) };
+        self.state = if last {
+            State::Head
+        } else {
+            State::Trailers(seen + nl + 1)
+        };
         true
     }
 }
@@ -280,7 +300,10 @@ fn check_field_line(line: &[u8]) -> Result<(&[u8], &[u8]), Reason> {
     if matches!(line.first(), Some(b' ' | b'\t')) {
         return Err("obs_fold");
     }
-    let colon = line.iter().position(|&b| b == b':').ok_or("bad_header_name")?;
+    let colon = line
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or("bad_header_name")?;
     let name = &line[..colon];
     if name.is_empty() || !name.iter().all(|&b| tchar(b)) {
         return Err("bad_header_name");
@@ -315,7 +338,9 @@ fn check_head(head: &[u8], max_headers: usize) -> Result<Framing, Option<Reason>
     }
     // Every line ends with CRLF now; drop the final blank line.
     let body = &head[..head.len() - 4];
-    let mut lines = body.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut lines = body
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let request_line = lines.next().ok_or(Some("bad_request_line"))?;
     let (method, http10) = check_request_line(request_line).map_err(Some)?;
     let (mut lengths, mut encodings, mut hosts, mut count) = (Vec::new(), 0usize, 0usize, 0usize);
@@ -503,7 +528,10 @@ mod tests {
 
     #[test]
     fn good_heads_pass_with_their_framing() {
-        assert_eq!(framing(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(Framing::None));
+        assert_eq!(
+            framing(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Framing::None)
+        );
         assert_eq!(
             framing(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n"),
             Ok(Framing::Length(12))
@@ -539,9 +567,17 @@ mod tests {
             (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "transfer_encoding_in_http10"),
         ];
         for (head, reason) in cases {
-            assert_eq!(framing(head), Err(Some(*reason)), "{}", String::from_utf8_lossy(head));
+            assert_eq!(
+                framing(head),
+                Err(Some(*reason)),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
         }
-        assert_eq!(check_head(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", 1), Err(None));
+        assert_eq!(
+            check_head(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", 1),
+            Err(None)
+        );
     }
 
     #[test]
@@ -581,14 +617,20 @@ POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0
 GET /c HTTP/1.1\r\nHost: a\r\n\r\n";
         assert_eq!(run(good).await, good.to_vec());
         let mut smuggle = good.to_vec();
-        smuggle.extend_from_slice(b"GET /d HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n");
+        smuggle.extend_from_slice(
+            b"GET /d HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+        );
         let mut want = good.to_vec();
         want.extend_from_slice(REJECTED_HEAD);
         assert_eq!(run(&smuggle).await, want);
         // A bad chunk line fails the body.
         let bad = b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n-1\r\n";
         let out = run(bad).await;
-        assert!(out.ends_with(b"hello\r\nzz\r\n"), "{}", String::from_utf8_lossy(&out));
+        assert!(
+            out.ends_with(b"hello\r\nzz\r\n"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
         // The h2 preface is passed through.
         let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00";
         assert_eq!(run(h2).await, h2.to_vec());

@@ -223,9 +223,25 @@ pub fn connection_cap(configured: usize) -> usize {
         return configured;
     }
     match rlimit::getrlimit(rlimit::Resource::NOFILE) {
-        Ok((soft, _)) if soft < u64::MAX / 4 => ((soft * 3 / 4).saturating_sub(32)).max(16) as usize,
+        Ok((soft, _)) if soft < u64::MAX / 4 => {
+            ((soft * 3 / 4).saturating_sub(32)).max(16) as usize
+        }
         _ => usize::MAX,
     }
+}
+
+/// `text` with every control character (newlines, escapes, NUL) written as
+/// a Rust escape, for log lines that carry untrusted text.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The body limit of a route: its own, else the global one (`None`: unlimited).
@@ -331,6 +347,15 @@ pub fn last_request(resp: &mut Response<ProxyBody>, version: Version, served: u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            escape_controls("a\nb\x1b[31mc\u{0}"),
+            "a\\nb\\u{1b}[31mc\\u{0}"
+        );
+        assert_eq!(escape_controls("plain é"), "plain é");
+    }
 
     #[test]
     fn connection_slots_are_released() {

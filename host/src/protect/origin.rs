@@ -62,7 +62,10 @@ pub fn rewrite(
     let rest = &value[at + prefix_len..];
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..end];
-    let authority = authority.rsplit_once('@').map(|(_, a)| a).unwrap_or(authority);
+    let authority = authority
+        .rsplit_once('@')
+        .map(|(_, a)| a)
+        .unwrap_or(authority);
     if !is_endpoint(authority) {
         return None;
     }
@@ -108,7 +111,10 @@ mod tests {
             r("0; url=http://10.0.0.7:8080").as_deref(),
             Some("0; url=https://www.example.com/")
         );
-        assert_eq!(r("http://user@10.0.0.7:8080/").as_deref(), Some("https://www.example.com/"));
+        assert_eq!(
+            r("http://user@10.0.0.7:8080/").as_deref(),
+            Some("https://www.example.com/")
+        );
         assert_eq!(r("/relative"), None);
         assert_eq!(r("https://elsewhere.org/x"), None);
         assert_eq!(
@@ -120,9 +126,15 @@ mod tests {
     #[test]
     fn listed_headers_are_dropped_and_locations_rewritten() {
         let mut h = HeaderMap::new();
-        h.insert(header::SERVER, HeaderValue::from_static("Apache/2.4.1 (internal)"));
+        h.insert(
+            header::SERVER,
+            HeaderValue::from_static("Apache/2.4.1 (internal)"),
+        );
         h.insert("x-powered-by", HeaderValue::from_static("PHP/5"));
-        h.insert(header::LOCATION, HeaderValue::from_static("http://127.0.0.1:9001/next"));
+        h.insert(
+            header::LOCATION,
+            HeaderValue::from_static("http://127.0.0.1:9001/next"),
+        );
         let hide = [header::SERVER, HeaderName::from_static("x-powered-by")];
         let is_ep = |a: &str| same_authority(a, "127.0.0.1:9001");
         hide_origin(&mut h, is_ep, Some("site"), "http", &hide);
