@@ -162,11 +162,11 @@ impl Proxy {
         let label = Some(route.index);
         let version = req.version();
         let limit = protect::body_limit(&snap.config, route.index);
-        let checked = snap
+        let refused = snap
             .protection
             .check_rate(route.index, req.headers(), conn.client.ip())
-            .and_then(|()| protect::check_content_length(req.headers(), version, limit));
-        if let Err(resp) = checked {
+            .or_else(|| protect::check_content_length(req.headers(), version, limit));
+        if let Some(resp) = refused {
             return (resp, label);
         }
         let upgrade = headers::upgrade_request(req.headers());

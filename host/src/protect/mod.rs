@@ -83,16 +83,16 @@ impl Protection {
         }
     }
 
-    /// Take a token from route `index`'s bucket, or the `429` to answer.
+    /// Take a token from route `index`'s bucket; `Some(429)` when empty.
     pub fn check_rate(
         &self,
         index: usize,
         headers: &HeaderMap,
         client: IpAddr,
-    ) -> Result<(), Response<ProxyBody>> {
+    ) -> Option<Response<ProxyBody>> {
         match self.rates.get(index) {
             Some(Some(rate)) => rate.check(headers, client),
-            _ => Ok(()),
+            _ => None,
         }
     }
 }
@@ -175,7 +175,7 @@ impl RouteRate {
         }
     }
 
-    fn check(&self, headers: &HeaderMap, client: IpAddr) -> Result<(), Response<ProxyBody>> {
+    fn check(&self, headers: &HeaderMap, client: IpAddr) -> Option<Response<ProxyBody>> {
         let key = match &self.key {
             RateKey::Client => BucketKey::Ip(client),
             RateKey::Route => BucketKey::All,
@@ -189,7 +189,7 @@ impl RouteRate {
             self.limiter.shrink_to_fit();
         }
         match self.limiter.check_key(&key) {
-            Ok(()) => Ok(()),
+            Ok(()) => None,
             Err(not_until) => {
                 count_rejection("rate_limit");
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
@@ -200,7 +200,7 @@ impl RouteRate {
                     pbody::text_response(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-                Err(resp)
+                Some(resp)
             }
         }
     }
@@ -258,13 +258,13 @@ pub fn body_limit(config: &Config, route_index: usize) -> Option<u64> {
     }
 }
 
-/// `413` at once when the announced `Content-Length` is over `limit`.
+/// `Some(413)` when the announced `Content-Length` is over `limit`.
 pub fn check_content_length(
     headers: &HeaderMap,
     version: Version,
     limit: Option<u64>,
-) -> Result<(), Response<ProxyBody>> {
-    let Some(limit) = limit else { return Ok(()) };
+) -> Option<Response<ProxyBody>> {
+    let limit = limit?;
     let announced = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -272,9 +272,9 @@ pub fn check_content_length(
     match announced {
         Some(n) if n > limit => {
             count_rejection("body_too_large");
-            Err(too_large(version))
+            Some(too_large(version))
         }
-        _ => Ok(()),
+        _ => None,
     }
 }
 
@@ -384,22 +384,22 @@ mod tests {
         let h = HeaderMap::new();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         for _ in 0..3 {
-            assert!(rate.check(&h, ip).is_ok());
+            assert!(rate.check(&h, ip).is_none());
         }
-        let resp = rate.check(&h, ip).unwrap_err();
+        let resp = rate.check(&h, ip).unwrap();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
         // Another client has its own bucket.
-        assert!(rate.check(&h, "10.0.0.2".parse().unwrap()).is_ok());
+        assert!(rate.check(&h, "10.0.0.2".parse().unwrap()).is_none());
     }
 
     #[test]
     fn content_length_over_the_limit_is_413() {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("101"));
-        assert!(check_content_length(&h, Version::HTTP_11, Some(101)).is_ok());
-        assert!(check_content_length(&h, Version::HTTP_11, None).is_ok());
-        let resp = check_content_length(&h, Version::HTTP_11, Some(100)).unwrap_err();
+        assert!(check_content_length(&h, Version::HTTP_11, Some(101)).is_none());
+        assert!(check_content_length(&h, Version::HTTP_11, None).is_none());
+        let resp = check_content_length(&h, Version::HTTP_11, Some(100)).unwrap();
         assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(resp.headers()[header::CONNECTION], "close");
     }
