@@ -60,6 +60,7 @@ fuzz_target!(|input: Input| {
         src,
         max_head,
         usize::from(input.max_headers).max(1),
+        std::time::Duration::from_secs(10),
         "127.0.0.1:1".parse().unwrap(),
     );
     let mut cx = Context::from_waker(Waker::noop());

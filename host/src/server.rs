@@ -85,7 +85,8 @@ pub async fn serve(
                 let idle = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.idle_ms);
                 let inflight = Arc::new(AtomicUsize::new(0));
                 let stream = IdleTimeout::new(stream, idle, inflight.clone());
-                let stream = StrictH1::new(stream, limits.max_header_bytes.max(8192), limits.max_headers, client);
+                let head_timeout = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.header_read_ms);
+                let stream = StrictH1::new(stream, limits.max_header_bytes.max(8192), limits.max_headers, head_timeout, client);
                 let io = TokioIo::new(stream);
                 let served = Arc::new(AtomicU64::new(0));
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {

@@ -17,10 +17,12 @@
 //! HTTP/2 (the prior-knowledge preface) and upgraded connections are passed
 //! through untouched.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -80,12 +82,22 @@ pub struct StrictH1<T> {
     max_head: usize,
     max_headers: usize,
     client: SocketAddr,
+    /// The slowloris guard: a started head must be complete within this.
+    /// (hyper's own header timer never sees a partial head: it is held here.)
+    head_timeout: Duration,
+    head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> StrictH1<T> {
     /// Guard `inner`. `max_head` and `max_headers` are hyper's limits: a
     /// head past them is handed over as it is, for hyper's `431`.
-    pub fn new(inner: T, max_head: usize, max_headers: usize, client: SocketAddr) -> StrictH1<T> {
+    pub fn new(
+        inner: T,
+        max_head: usize,
+        max_headers: usize,
+        head_timeout: Duration,
+        client: SocketAddr,
+    ) -> StrictH1<T> {
         StrictH1 {
             inner,
             state: State::Head,
@@ -95,6 +107,8 @@ impl<T> StrictH1<T> {
             max_head,
             max_headers,
             client,
+            head_timeout,
+            head_deadline: None,
         }
     }
 
@@ -473,7 +487,24 @@ impl<T: AsyncRead + Unpin> AsyncRead for StrictH1<T> {
             }
             let mut tmp = [0u8; 16 * 1024];
             let mut rb = ReadBuf::new(&mut tmp);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            let Poll::Ready(read) = Pin::new(&mut this.inner).poll_read(cx, &mut rb) else {
+                // Waiting inside a head: the head deadline runs.
+                if this.state == State::Head && !this.inbox.is_empty() {
+                    let timeout = this.head_timeout;
+                    let deadline = this
+                        .head_deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        super::count_rejection("head_timeout");
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "request head not received within header_read_ms",
+                        )));
+                    }
+                }
+                return Poll::Pending;
+            };
+            read?;
             if rb.filled().is_empty() {
                 // The client closed: hand over what is left as it is (hyper
                 // sees a truncated message).
@@ -484,6 +515,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for StrictH1<T> {
             }
             this.inbox.extend_from_slice(rb.filled());
             this.process();
+            if this.state != State::Head || this.inbox.is_empty() {
+                this.head_deadline = None;
+            }
         }
     }
 }
@@ -604,7 +638,13 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(1 << 16);
         a.write_all(input).await.unwrap();
         drop(a);
-        let mut guard = StrictH1::new(b, 8192, 100, "127.0.0.1:1".parse().unwrap());
+        let mut guard = StrictH1::new(
+            b,
+            8192,
+            100,
+            Duration::from_secs(5),
+            "127.0.0.1:1".parse().unwrap(),
+        );
         let mut out = Vec::new();
         guard.read_to_end(&mut out).await.unwrap();
         out
