@@ -47,6 +47,7 @@ pub fn runtime(_config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
 /// connections over them and nothing on the request path is shared but
 /// the atomically swapped snapshot and the filter runtime.
 pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
+    crate::protect::raise_fd_limit();
     let metrics = metrics_handle()?;
     // Histograms keep raw samples until drained: drain them on a timer so
     // memory stays flat even if nobody scrapes /metrics.

@@ -33,6 +33,7 @@ use crate::filter::chain::{Chain, RequestDecision};
 use crate::filter::host_api::{RequestHead, ResponseHead};
 use crate::filter::FilterRuntime;
 use crate::headers;
+use crate::protect::{self, body::LimitedBody, origin, Protection};
 use crate::route::RouteTable;
 use crate::upstream::{error_chain, ForwardError, UpstreamClient};
 
@@ -50,6 +51,8 @@ pub struct Snapshot {
     route_metrics: Vec<RouteMetrics>,
     /// What the endpoints given by name resolved to (see [`balance::dns`]).
     pub dns: Arc<balance::dns::DnsTable>,
+    /// Connection limits and rate-limit buckets (carried across reloads).
+    pub protection: Protection,
 }
 
 /// Metric handles of one route, registered once per snapshot so a request
@@ -106,11 +109,13 @@ impl Snapshot {
         labels.push("none".to_string());
         let route_metrics = labels.iter().map(|l| RouteMetrics::new(l)).collect();
         let cache = HttpCache::new(&config.cache, previous.map(|p| &*p.cache));
+        let protection = Protection::new(&config, previous.map(|p| &p.protection));
         Ok(Snapshot {
             routes,
             upstreams,
             cache: Arc::new(cache),
             route_metrics,
+            protection,
             config: Arc::new(config),
             dns,
         })
@@ -183,6 +188,15 @@ impl Proxy {
             );
         };
         let label = Some(route.index);
+        let version = req.version();
+        let limit = protect::body_limit(&snap.config, route.index);
+        let refused = snap
+            .protection
+            .check_rate(route.index, req.headers(), conn.client.ip())
+            .or_else(|| protect::check_content_length(req.headers(), version, limit));
+        if let Some(resp) = refused {
+            return (resp, label);
+        }
         let upgrade = headers::upgrade_request(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
@@ -203,7 +217,8 @@ impl Proxy {
         };
         let mut ran = 0;
         let mut target = route.upstream.clone();
-        let mut req_body = body::boxed(incoming);
+        let (limited, verdict) = LimitedBody::new(incoming, limit);
+        let mut req_body = body::boxed(limited);
         if let Some(chain) = &chain {
             let exists = |name: &str| snap.upstreams.contains_key(name);
             let (decision, n) = chain.on_request(&mut head, &exists);
@@ -232,6 +247,11 @@ impl Proxy {
                 label,
             );
         };
+        // The host the client used, for rewriting an origin's redirects.
+        let public_host = head.parts.headers.get(header::HOST).cloned().or_else(|| {
+            let authority = head.parts.uri.authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
         // The head goes upstream; a copy is kept only if response filters
         // will want to read it.
         let parts = match chain {
@@ -260,9 +280,23 @@ impl Proxy {
                 headers::add_via(out.headers_mut(), Version::HTTP_11, &snap.config.proxy.via);
                 return (out, label);
             }
+            (Err(_), _) if verdict.too_large() => protect::too_large(version),
+            (Err(_), _) if verdict.broken() => protect::bad_body(version),
             (Ok(resp), _) => {
                 let (mut parts, b) = resp.into_parts();
                 headers::remove_hop_by_hop(&mut parts.headers);
+                let is_endpoint = |authority: &str| {
+                    let eps = upstream.endpoints.as_slice();
+                    eps.iter()
+                        .any(|e| origin::same_authority(authority, &e.addr))
+                };
+                origin::hide_origin(
+                    &mut parts.headers,
+                    is_endpoint,
+                    public_host.as_ref().and_then(|h| h.to_str().ok()),
+                    conn.scheme,
+                    &snap.protection.hidden_headers,
+                );
                 headers::add_via(&mut parts.headers, parts.version, &snap.config.proxy.via);
                 Response::from_parts(parts, b)
             }
@@ -382,6 +416,7 @@ impl Proxy {
             set_length(&mut head.parts.headers, bytes.len());
             body = body::full(bytes);
         }
+        protect::normalise_response_framing(&mut head.parts.headers, &body);
         Response::from_parts(head.parts, body)
     }
 }
@@ -401,6 +436,9 @@ async fn send_upstream(
         .hash_key
         .as_ref()
         .and_then(|k| balance::request_key(k, &parts.headers, parts.uri.path(), from.0));
+    // Filters may have written framing or connection headers: what goes
+    // upstream is framed by the body alone.
+    protect::normalise_request_framing(&mut parts.headers, &body);
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri

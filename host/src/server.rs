@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::protect::{self, h1::StrictH1};
 use crate::proxy::{ConnInfo, Proxy};
 
 /// Bind a listening socket (SO_REUSEADDR and SO_REUSEPORT, so each worker
@@ -52,7 +53,16 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let builder = connection_builder(&proxy);
+    let cap = protect::connection_cap(proxy.snapshot.load().config.proxy.limits.max_connections);
     loop {
+        // At the connection cap (a share of the fd limit), new clients wait
+        // in the backlog: accepting them would starve upstream connections.
+        if open.load(Ordering::Relaxed) >= cap {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => continue,
+                _ = shutdown.changed() => break,
+            }
+        }
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, client) = match accepted {
@@ -64,6 +74,14 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let (limits, admitted) = {
+                    let snap = proxy.snapshot.load();
+                    let limits = snap.config.proxy.limits.clone();
+                    let admitted = snap.protection.conns.admit(client.ip(), limits.max_connections_per_ip);
+                    (limits, admitted)
+                };
+                // Over the per-IP connection limit: closed at once.
+                let Some(admitted) = admitted else { continue };
                 let _ = stream.set_nodelay(true);
                 let proxy = proxy.clone();
                 let scheme = if tls.is_some() { "https" } else { "http" };
@@ -71,12 +89,21 @@ pub async fn serve(
                 let idle = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.idle_ms);
                 let handshake = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.header_read_ms);
                 let inflight = Arc::new(AtomicUsize::new(0));
-                let io = IdleTimeout::new(stream, idle, inflight.clone());
-                let service = service_fn(move |req| {
+                let stream = IdleTimeout::new(stream, idle, inflight.clone());
+                // Every HTTP/1.1 head is checked strictly (request smuggling),
+                // on the plain stream or inside TLS.
+                let head_timeout = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.header_read_ms);
+                let (max_head, max_headers) = (limits.max_header_bytes.max(8192), limits.max_headers);
+                let served = Arc::new(AtomicU64::new(0));
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let proxy = proxy.clone();
                     let guard = InFlight::new(inflight.clone());
+                    let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+                    let max = limits.max_requests_per_connection;
                     let fut: Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>> = Box::pin(async move {
-                        let resp = proxy.handle(req, conn_info).await;
+                        let version = req.version();
+                        let mut resp = proxy.handle(req, conn_info).await;
+                        protect::last_request(&mut resp, version, n, max);
                         drop(guard);
                         Ok(resp)
                     });
@@ -87,17 +114,19 @@ pub async fn serve(
                     let open = open.clone();
                     open.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(async move {
-                        if let Some(stream) = crate::tls::handshake(&acceptor, io, handshake, client).await {
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                        if let Some(tls_stream) = crate::tls::handshake(&acceptor, stream, handshake, client).await {
+                            let strict = StrictH1::new(tls_stream, max_head, max_headers, head_timeout, client);
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(strict), service).into_owned();
                             if let Err(e) = watcher.watch(conn).await {
                                 tracing::debug!(client = %client, error = %e, "TLS connection ended with an error");
                             }
                         }
+                        drop(admitted);
                         open.fetch_sub(1, Ordering::Relaxed);
                     });
                     continue;
                 }
-                let io = TokioIo::new(io);
+                let io = TokioIo::new(StrictH1::new(stream, max_head, max_headers, head_timeout, client));
                 let conn = builder.serve_connection_with_upgrades(io, service).into_owned();
                 let conn = graceful.watch(conn);
                 let open = open.clone();
@@ -106,6 +135,7 @@ pub async fn serve(
                     if let Err(e) = conn.await {
                         tracing::debug!(client = %client, error = %e, "connection ended with an error");
                     }
+                    drop(admitted);
                     open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
@@ -133,11 +163,16 @@ fn connection_builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(cfg.proxy.timeouts.header_read_ms))
         .max_buf_size(cfg.proxy.limits.max_header_bytes.max(8192))
+        .max_headers(cfg.proxy.limits.max_headers)
         .keep_alive(true);
+    let limits = &cfg.proxy.limits;
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
+        .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
 }

@@ -12,9 +12,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod cache;
+mod limits;
 mod ops;
 mod upstream;
 pub use cache::*;
+pub use limits::*;
 pub use ops::*;
 pub use upstream::*;
 
@@ -109,6 +111,10 @@ pub struct ProxyConfig {
     pub admin_token: Option<String>,
     /// A file holding the admin token (e.g. a mounted Kubernetes Secret).
     pub admin_token_file: Option<PathBuf>,
+    /// Origin response headers removed before the client sees them (e.g.
+    /// `server`, `x-powered-by`); see docs/security.md.
+    #[serde(default)]
+    pub hide_response_headers: Vec<Spanned<String>>,
 }
 
 fn default_via() -> String {
@@ -155,6 +161,24 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Idle keep-alive connections kept per upstream endpoint.
     pub upstream_idle_per_host: usize,
+    /// Most request header fields (431 past it). See `config/limits.rs` for
+    /// the keys below.
+    pub max_headers: usize,
+    /// Largest request body, bytes (413); 0 = unlimited. Routes may override.
+    pub max_body_bytes: u64,
+    /// Most open connections from one client IP address; 0 = unlimited.
+    pub max_connections_per_ip: usize,
+    /// Most open client connections in all; past it new clients wait in the
+    /// listen backlog. 0 = three quarters of the open-file limit.
+    pub max_connections: usize,
+    /// Requests on one HTTP/1.1 connection, then `Connection: close`; 0 = unlimited.
+    pub max_requests_per_connection: u64,
+    /// HTTP/2 streams in flight per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may reset before they are accepted (CVE-2023-44487).
+    pub h2_max_pending_reset_streams: usize,
+    /// HTTP/2 streams the proxy may reset for client errors before GOAWAY.
+    pub h2_max_local_error_reset_streams: usize,
 }
 
 impl Default for Limits {
@@ -162,6 +186,14 @@ impl Default for Limits {
         Limits {
             max_header_bytes: 64 * 1024,
             upstream_idle_per_host: 256,
+            max_headers: 100,
+            max_body_bytes: 0,
+            max_connections_per_ip: 0,
+            max_connections: 0,
+            max_requests_per_connection: 0,
+            h2_max_concurrent_streams: 256,
+            h2_max_pending_reset_streams: 20,
+            h2_max_local_error_reset_streams: 1024,
         }
     }
 }
@@ -183,6 +215,10 @@ pub struct RouteConfig {
     /// `cache = true` or `cache = { ... }`: store and serve responses (see docs/cache.md).
     #[serde(default)]
     pub cache: Option<Spanned<RouteCacheConfig>>,
+    /// `rate_limit = { rps, burst, key }`: a token bucket (429 past it).
+    pub rate_limit: Option<Spanned<RateLimitConfig>>,
+    /// Largest request body on this route, bytes (overrides `[proxy.limits]`).
+    pub max_body_bytes: Option<Spanned<u64>>,
 }
 
 fn default_prefix() -> String {
@@ -487,6 +523,7 @@ impl Validator<'_> {
             }
         }
         self.validate_cache(config)?;
+        self.validate_protection(config)?;
         for (name, policy) in &config.filters.policy {
             if policy.timeout_ms == Some(0) || policy.memory_mb == Some(0) {
                 return self.error(

@@ -366,6 +366,11 @@ impl log::Host for HostState {
             }
             message.truncate(cut);
         }
+        // A filter must not forge log lines or terminal escapes: control
+        // characters are written escaped (see docs/security.md).
+        if message.chars().any(char::is_control) {
+            message = crate::protect::escape_controls(&message);
+        }
         let filter = &*self.ctx.name;
         match level {
             types::LogLevel::Trace => tracing::trace!(filter, "{message}"),

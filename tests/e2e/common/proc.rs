@@ -24,9 +24,17 @@ pub struct ProxyBuilder {
     envs: Vec<(String, String)>,
     wait_admin: bool,
     start_timeout: Duration,
+    nofile: Option<u64>,
 }
 
 impl ProxyBuilder {
+    /// Start the proxy with this open-file limit (soft and hard), through
+    /// util-linux `prlimit`.
+    pub fn nofile(mut self, n: u64) -> ProxyBuilder {
+        self.nofile = Some(n);
+        self
+    }
+
     /// Write an extra file into the proxy's temp dir (next to its config),
     /// e.g. `("filters/auth.wasm", bytes)`. `@DIR@` in the config names that dir.
     pub fn file(mut self, rel: &str, contents: impl Into<Vec<u8>>) -> ProxyBuilder {
@@ -74,7 +82,14 @@ impl ProxyBuilder {
         for (rel, contents) in &self.files {
             dir.write(rel, contents);
         }
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -140,6 +155,7 @@ impl Proxy {
             envs: Vec::new(),
             wait_admin: true,
             start_timeout: START_TIMEOUT,
+            nofile: None,
         }
     }
 

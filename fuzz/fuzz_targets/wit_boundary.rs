@@ -1,0 +1,54 @@
+//! The WIT boundary: the `fuzz-guest` filter runs the input as a program of
+//! host calls with arbitrary arguments, in the request and the response
+//! phase, through the host's real filter runtime (wasmtime, the host API,
+//! the key-value store). Nothing may panic; every result is an action or a
+//! contained filter failure. Needs `target/filters/fuzz-guest.wasm`
+//! (`scripts/build-filters.sh fuzz-guest`) and `--features wit`.
+#![no_main]
+
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use sluicegate::config::Isolation;
+use sluicegate::filter::host_api::ResponseHead;
+use sluicegate::filter::instance::FilterVersion;
+use sluicegate::filter::tool::{self, Sample};
+
+fn filter() -> &'static FilterVersion {
+    static F: OnceLock<FilterVersion> = OnceLock::new();
+    F.get_or_init(|| {
+        let wasm = std::env::var("FUZZ_GUEST_WASM").unwrap_or_else(|_| {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/filters/fuzz-guest.wasm"
+            )
+            .to_string()
+        });
+        tool::load(std::path::Path::new(&wasm), None, Isolation::Pool)
+            .expect("load fuzz-guest.wasm")
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let hex: String = data.iter().take(2048).map(|b| format!("{b:02x}")).collect();
+    let sample = Sample {
+        request: "POST /fuzz?q=1".into(),
+        headers: vec![format!("x-fuzz: {hex}"), "host: fuzz.test".into()],
+        ..Default::default()
+    };
+    let Ok(head) = tool::request_head(&sample) else {
+        return;
+    };
+    let version = filter();
+    let (head, _action) = version.on_request(head);
+    let resp = ResponseHead {
+        parts: http::Response::new(()).into_parts().0,
+    };
+    let (_head, resp, _action) = version.on_response(head, resp);
+    // Whatever the guest did, the head it leaves is still a valid one.
+    for (name, value) in &resp.parts.headers {
+        assert!(
+            !name.as_str().is_empty() && value.as_bytes().iter().all(|&b| b != b'\n' && b != b'\r')
+        );
+    }
+});
