@@ -190,7 +190,12 @@ impl FilterVersion {
         } else if format!("{e:#}").contains(MEMORY_CAP_ERROR) {
             FilterFailure::OutOfMemory(self.policy.memory_mb)
         } else {
-            let text = format!("{e:#}");
+            // A trap's own words ("wasm `unreachable` instruction executed"),
+            // not the backtrace context wasmtime wraps around it.
+            let text = match e.downcast_ref::<Trap>() {
+                Some(trap) => format!("wasm trap: {trap}"),
+                None => format!("{e:#}"),
+            };
             FilterFailure::Trap(
                 text.lines()
                     .next()
