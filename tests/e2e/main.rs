@@ -20,6 +20,6 @@ mod proxy;
 mod proxy_errors;
 mod proxy_streams;
 mod reload;
-mod tls;
 mod smuggling;
 mod soak;
+mod tls;
