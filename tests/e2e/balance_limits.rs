@@ -143,8 +143,11 @@ async fn the_retry_budget_bounds_concurrent_retries() {
     let v = upstreams(&p).await;
     assert_eq!(v["upstreams"][0]["retry_budget"]["refused"], failed, "{v}");
 
-    // The default budget (20 %, at least 3 at once) lets three through.
-    let p = Proxy::start(&config(&upstream, ""));
+    // A floor of three lets three through.
+    let p = Proxy::start(&config(
+        &upstream,
+        "[upstream.retry_budget]\nmin_concurrent = 3\n",
+    ));
     let results = burst(&p, 10).await;
     let failed = results.iter().filter(|r| r.0 == 503).count();
     let on_bad = bad.requests() - first_tries_on_bad;

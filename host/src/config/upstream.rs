@@ -78,7 +78,7 @@ impl Default for RetryBudgetConfig {
     fn default() -> Self {
         RetryBudgetConfig {
             percent: 20.0,
-            min_concurrent: 3,
+            min_concurrent: 10,
         }
     }
 }
