@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use crate::common::backend::{full, RespBody};
-use crate::common::{client, within, Backend, Cfg, Fnv, Proxy, Resp};
+use crate::common::{client, wasm, within, Backend, Cfg, Fnv, Proxy, Resp};
 
 /// What the scripted origin answers; tests change it between requests.
 #[derive(Clone)]
@@ -792,15 +792,6 @@ async fn purge_exact_url_and_prefix() {
     ] {
         assert!(metrics.contains(m), "{m} missing from /metrics");
     }
-}
-
-/// The built filters (`scripts/build-filters.sh`).
-fn wasm(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../target/filters/{name}.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (run scripts/build-filters.sh)"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,16 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
-use crate::common::{client, within, Backend, Cfg, Fnv, Proxy, Resp};
-
-/// The built filters (`scripts/build-filters.sh`).
-fn wasm(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../target/filters/{name}.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (run scripts/build-filters.sh)"))
-}
+use crate::common::{client, wasm, within, Backend, Cfg, Fnv, Proxy, Resp};
 
 /// A proxy with `filters` copied into its filter dir and `extra` TOML.
 fn start(cfg: Cfg, filters: &[&str], filters_toml: &str) -> Proxy {

@@ -1,7 +1,6 @@
 //! Hot deploy: filters replaced, broken, deleted, and the config reloaded,
 //! all under load, with no failed request and no dropped connection.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,31 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
-use crate::common::{client, within, Backend, Cfg, H1Conn, Proxy, Resp};
-
-const MARKER: &[u8] = b"SGVERSION:";
-
-fn versioned(version: u32) -> Vec<u8> {
-    let path = format!(
-        "{}/../target/filters/versioned.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let mut bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let at = bytes
-        .windows(MARKER.len())
-        .position(|w| w == MARKER)
-        .expect("marker in versioned.wasm")
-        + MARKER.len();
-    bytes[at..at + 10].copy_from_slice(format!("{version:010}").as_bytes());
-    bytes
-}
-
-/// Replace a file the way `mv` and editors do: write aside, then rename.
-fn install(dir: &Path, name: &str, bytes: &[u8]) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
-}
+use crate::common::{client, install, versioned, within, Backend, Cfg, H1Conn, Proxy, Resp};
 
 fn start(app: &Backend) -> Proxy {
     let toml = Cfg::new()

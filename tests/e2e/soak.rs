@@ -8,7 +8,6 @@
 //! `scripts/test.sh` runs them on their own (`-- --ignored soak::`).
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,16 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::common::backend::echo_response;
-use crate::common::{client, rss_kib, within, Backend, Cfg, H1Conn, H2Conn, Proxy};
-
-/// A built filter (`scripts/build-filters.sh`).
-fn wasm(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../target/filters/{name}.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (run scripts/build-filters.sh)"))
-}
+use crate::common::{
+    client, install, rss_kib, versioned, wasm, within, Backend, Cfg, H1Conn, H2Conn, Proxy,
+};
 
 /// An echo server that can be killed — listener and every open connection
 /// at once, like a crashed process — and restarted on the same address.
@@ -181,27 +173,6 @@ async fn an_endpoint_killed_and_restarted_under_load_fails_no_idempotent_request
     );
     assert_eq!(failed, 0, "failed idempotent requests: {why:?}");
     assert!(ok > 500, "only {ok} requests in the run");
-}
-
-const MARKER: &[u8] = b"SGVERSION:";
-
-/// The `versioned` filter stamped with `version` (a new content hash).
-fn versioned(version: u32) -> Vec<u8> {
-    let mut bytes = wasm("versioned");
-    let at = bytes
-        .windows(MARKER.len())
-        .position(|w| w == MARKER)
-        .expect("marker")
-        + MARKER.len();
-    bytes[at..at + 10].copy_from_slice(format!("{version:010}").as_bytes());
-    bytes
-}
-
-/// Replace a file the way deploy tools do: write aside, then rename.
-fn install(dir: &Path, name: &str, bytes: &[u8]) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

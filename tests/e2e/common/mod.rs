@@ -33,6 +33,38 @@ pub async fn within<F: Future>(secs: u64, what: &str, fut: F) -> F::Output {
     }
 }
 
+/// A built filter component, `target/filters/<name>.wasm`.
+pub fn wasm(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../target/filters/{name}.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (run scripts/build-filters.sh)"))
+}
+
+/// Where the `versioned` filter keeps the ten digits it reports.
+const VERSION_MARKER: &[u8] = b"SGVERSION:";
+
+/// The `versioned` filter stamped with `version` (a new content hash).
+pub fn versioned(version: u32) -> Vec<u8> {
+    let mut bytes = wasm("versioned");
+    let at = bytes
+        .windows(VERSION_MARKER.len())
+        .position(|w| w == VERSION_MARKER)
+        .expect("marker in versioned.wasm")
+        + VERSION_MARKER.len();
+    bytes[at..at + 10].copy_from_slice(format!("{version:010}").as_bytes());
+    bytes
+}
+
+/// Replace a file the way `mv`, editors and deploy tools do: write aside,
+/// then rename.
+pub fn install(dir: &Path, name: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
