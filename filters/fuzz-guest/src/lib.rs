@@ -119,7 +119,7 @@ impl Prog {
             3 => drop(kv::increment(&self.text(), self.u64() as i64, self.ttl())),
             4 => {
                 let key = self.text();
-                let expected = (self.byte() % 2 == 0).then(|| self.data());
+                let expected = self.byte().is_multiple_of(2).then(|| self.data());
                 let _ = kv::compare_and_swap(&key, expected.as_deref(), self.data(), self.ttl());
             }
             5 => metrics::counter_add(&self.text(), self.u64()),
@@ -224,10 +224,11 @@ impl Filter for FuzzGuest {
         let mut p = Prog::from_request(req, 13);
         p.response_calls(resp);
         p.at = 1;
-        if p.bytes.len() > 1 && p.byte() % 8 == 0 {
-            if resp.set_status(u16::from(p.byte()) * 3).is_err() {
-                return p.local().into();
-            }
+        if p.bytes.len() > 1
+            && p.byte().is_multiple_of(8)
+            && resp.set_status(u16::from(p.byte()) * 3).is_err()
+        {
+            return p.local().into();
         }
         ResponseAction::Continue
     }
