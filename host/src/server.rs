@@ -15,12 +15,18 @@ use anyhow::Context as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
 
-use crate::protect::{self, h1::StrictH1};
+use crate::body::ProxyBody;
+use crate::protect::{
+    self,
+    h1::{ParkSlot, Parkable, StrictH1},
+};
 use crate::proxy::{ConnInfo, Proxy};
 
 /// Bind a listening socket (SO_REUSEADDR and SO_REUSEPORT, so each worker
@@ -51,8 +57,11 @@ pub async fn serve(
     open: Arc<AtomicUsize>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
-    let graceful = GracefulShutdown::new();
-    let builder = connection_builder(&proxy);
+    // Connection tasks: the drain waits for them.
+    let tasks = TaskTracker::new();
+    let builder = Arc::new(connection_builder(&proxy));
+    // Cancelled with `shutdown`: every connection task watches it.
+    let stop = CancellationToken::new();
     let cap = protect::connection_cap(proxy.snapshot.load().config.proxy.limits.max_connections);
     loop {
         // At the connection cap (a share of the fd limit), new clients wait
@@ -74,11 +83,11 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let (limits, admitted) = {
+                let (limits, timeouts, admitted) = {
                     let snap = proxy.snapshot.load();
                     let limits = snap.config.proxy.limits.clone();
                     let admitted = snap.protection.conns.admit(client.ip(), limits.max_connections_per_ip);
-                    (limits, admitted)
+                    (limits, snap.config.proxy.timeouts.clone(), admitted)
                 };
                 // Over the per-IP connection limit: closed at once.
                 let Some(admitted) = admitted else { continue };
@@ -86,38 +95,41 @@ pub async fn serve(
                 let proxy = proxy.clone();
                 let scheme = if tls.is_some() { "https" } else { "http" };
                 let conn_info = ConnInfo { client, scheme };
-                let idle = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.idle_ms);
-                let handshake = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.header_read_ms);
+                let idle = Duration::from_millis(timeouts.idle_ms);
+                let park_after = Duration::from_millis(timeouts.keepalive_park_ms).min(idle);
+                let head_timeout = Duration::from_millis(timeouts.header_read_ms);
                 let inflight = Arc::new(AtomicUsize::new(0));
                 let stream = IdleTimeout::new(stream, idle, inflight.clone());
                 // Every HTTP/1.1 head is checked strictly (request smuggling),
                 // on the plain stream or inside TLS.
-                let head_timeout = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.header_read_ms);
                 let (max_head, max_headers) = (limits.max_header_bytes.max(8192), limits.max_headers);
                 let served = Arc::new(AtomicU64::new(0));
+                let body_inflight = inflight.clone();
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let proxy = proxy.clone();
-                    let guard = InFlight::new(inflight.clone());
+                    // Counted until the response body ends (idle timeout and
+                    // parking must not strike a response that is streaming).
+                    let guard = InFlight::new(body_inflight.clone());
                     let n = served.fetch_add(1, Ordering::Relaxed) + 1;
                     let max = limits.max_requests_per_connection;
                     let fut: Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>> = Box::pin(async move {
                         let version = req.version();
                         let mut resp = proxy.handle(req, conn_info).await;
                         protect::last_request(&mut resp, version, n, max);
-                        drop(guard);
-                        Ok(resp)
+                        Ok(resp.map(|body| InFlightBody { body, _guard: guard }))
                     });
                     fut
                 });
+                let (builder, stop) = (builder.clone(), stop.clone());
+                open.fetch_add(1, Ordering::Relaxed);
+                let open = open.clone();
                 if let Some(acceptor) = &tls {
-                    let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
-                    let open = open.clone();
-                    open.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(async move {
-                        if let Some(tls_stream) = crate::tls::handshake(&acceptor, stream, handshake, client).await {
+                    let acceptor = acceptor.clone();
+                    tasks.spawn(async move {
+                        if let Some(tls_stream) = crate::tls::handshake(&acceptor, stream, head_timeout, client).await {
                             let strict = StrictH1::new(tls_stream, max_head, max_headers, head_timeout, client);
                             let conn = builder.serve_connection_with_upgrades(TokioIo::new(strict), service).into_owned();
-                            if let Err(e) = watcher.watch(conn).await {
+                            if let Err(e) = until_done(conn, stop).await {
                                 tracing::debug!(client = %client, error = %e, "TLS connection ended with an error");
                             }
                         }
@@ -126,15 +138,12 @@ pub async fn serve(
                     });
                     continue;
                 }
-                let io = TokioIo::new(StrictH1::new(stream, max_head, max_headers, head_timeout, client));
-                let conn = builder.serve_connection_with_upgrades(io, service).into_owned();
-                let conn = graceful.watch(conn);
-                let open = open.clone();
-                open.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(client = %client, error = %e, "connection ended with an error");
-                    }
+                let mut strict = StrictH1::new(stream, max_head, max_headers, head_timeout, client);
+                if park_after > Duration::ZERO {
+                    strict = strict.with_park(park_after, inflight);
+                }
+                tasks.spawn(async move {
+                    serve_plain(strict, builder, service, stop, idle.saturating_sub(park_after), client).await;
                     drop(admitted);
                     open.fetch_sub(1, Ordering::Relaxed);
                 });
@@ -143,11 +152,12 @@ pub async fn serve(
         }
     }
     drop(listener);
+    stop.cancel();
     let drain = Duration::from_millis(proxy.snapshot.load().config.proxy.timeouts.drain_ms);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    // Every connection task saw `shutdown` flip: active ones finish their
+    // requests (`until_done`), parked ones close.
+    tasks.close();
+    if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
         tracing::warn!(
             ms = drain.as_millis() as u64,
             "drain deadline passed; closing remaining connections"
@@ -175,6 +185,112 @@ fn connection_builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
+}
+
+/// Serve one plain HTTP/1.1 or h2c client connection. An HTTP/1.1
+/// connection that goes idle is parked (see [`crate::protect::h1`]): hyper
+/// and its buffers go away, the socket waits for the next request (at most
+/// `parked_idle`, the rest of the idle timeout), which a new hyper
+/// connection serves.
+async fn serve_plain<S>(
+    mut strict: StrictH1<IdleTimeout>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    service: S,
+    stop: CancellationToken,
+    parked_idle: Duration,
+    client: SocketAddr,
+) where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<InFlightBody>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let slot: ParkSlot<IdleTimeout> = Arc::default();
+    loop {
+        let io = TokioIo::new(Parkable::new(strict, slot.clone()));
+        // Boxed: a parked connection's task keeps only a pointer's worth.
+        let conn = builder
+            .serve_connection_with_upgrades(io, service.clone())
+            .into_owned();
+        if let Err(e) = until_done(conn, stop.clone()).await {
+            tracing::debug!(client = %client, error = %e, "connection ended with an error");
+        }
+        let parked = slot.lock().ok().and_then(|mut s| s.take());
+        let Some(io) = parked else { return };
+        metrics::counter!("sluicegate_connections_parked_total").increment(1);
+        strict = io;
+        tokio::select! {
+            ready = strict.get_ref().inner.readable() => {
+                if ready.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(parked_idle) => return,
+            _ = stop.cancelled() => return,
+        }
+        strict.unpark();
+    }
+}
+
+/// Drive a connection to its end; when `stop` flips, shut it down
+/// gracefully (in-flight requests finish, then it closes).
+fn until_done<C: GracefulConnection>(conn: C, stop: CancellationToken) -> UntilDone<C> {
+    UntilDone {
+        conn: Box::pin(conn),
+        stop: Box::pin(stop.cancelled_owned()),
+        stopping: false,
+    }
+}
+
+/// See [`until_done`]. (A plain future: an `async fn` here trips rustc's
+/// higher-ranked `Send` check on hyper's connection types.)
+struct UntilDone<C> {
+    conn: Pin<Box<C>>,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    stopping: bool,
+}
+
+impl<C: GracefulConnection> Future for UntilDone<C> {
+    type Output = Result<(), C::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if !this.stopping && this.stop.as_mut().poll(cx).is_ready() {
+            this.stopping = true;
+            this.conn.as_mut().graceful_shutdown();
+        }
+        this.conn.as_mut().poll(cx)
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until it ends.
+pub struct InFlightBody {
+    body: ProxyBody,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for InFlightBody {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Counts a request in flight on its connection for as long as it lives.

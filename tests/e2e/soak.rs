@@ -515,6 +515,20 @@ async fn ten_thousand_concurrent_connections_are_all_served() {
         gauge >= N as f64,
         "the proxy holds every connection open at once ({gauge})"
     );
+    // Idle, the connections are parked (no hyper buffers): the memory
+    // bound of docs/benchmarks.md is 100 MB for 10,000; this guards against
+    // a return to the ~330 MiB of connections that keep their buffers.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let parked_rss = rss_kib(p.pid()).unwrap_or(0);
+    eprintln!(
+        "10k idle connections, parked: proxy RSS {} MiB",
+        parked_rss / 1024
+    );
+    assert!(
+        parked_rss < 150 * 1024,
+        "10,000 idle connections hold {} MiB",
+        parked_rss / 1024
+    );
     // Still serving new clients.
     assert_eq!(p.get("/", &[]).await.status, StatusCode::OK);
     drop(kept);

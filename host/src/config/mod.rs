@@ -133,6 +133,10 @@ pub struct Timeouts {
     pub upstream_response_ms: u64,
     /// Keep-alive connections idle this long are closed.
     pub idle_ms: u64,
+    /// An HTTP/1.1 keep-alive connection idle about this long (up to twice
+    /// it) gives back its buffers (parked, like nginx's idle keep-alive
+    /// connections); the next request gets new ones. 0 = never.
+    pub keepalive_park_ms: u64,
     /// Graceful shutdown: how long in-flight requests may take to finish.
     pub drain_ms: u64,
     /// Graceful shutdown: how long `/readyz` fails before the listeners
@@ -147,6 +151,7 @@ impl Default for Timeouts {
             header_read_ms: 10_000,
             upstream_response_ms: 30_000,
             idle_ms: 60_000,
+            keepalive_park_ms: 20,
             drain_ms: 10_000,
             drain_delay_ms: 0,
         }

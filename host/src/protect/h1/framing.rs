@@ -1,44 +1,27 @@
-//! Strict HTTP/1.1 framing, below hyper: every request head on a client
-//! connection is read whole and checked before hyper sees a byte of it,
-//! and request bodies are followed (by `Content-Length` or chunk by chunk)
-//! so the next head is found and checked too.
-//!
-//! hyper already refuses most malformed requests with `400`. What it
-//! accepts and a strict proxy must not (RFC 9112 §6.3, §11.2):
-//! `Content-Length` together with `Transfer-Encoding` (hyper lets chunked
-//! win), repeated `Content-Length` lines with equal values (hyper merges
-//! them), bare LF line ends (hyper accepts them), and more than one `Host`.
-//! Such a head is replaced by one hyper must reject (`\x01 / HTTP/1.1`), so
-//! the client gets hyper's own `400` and the connection is closed; nothing
-//! of it reaches the proxy, let alone an upstream. A malformed chunk line
-//! or trailer is replaced by an invalid chunk size, which fails the body
-//! stream: hyper closes the connection and the proxy answers `400`.
-//!
-//! HTTP/2 (the prior-knowledge preface) and upgraded connections are passed
-//! through untouched.
-
-use std::future::Future;
-use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Duration;
-
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+//! The HTTP/1.1 request framing state machine behind [`super::StrictH1`]:
+//! pure functions over bytes, no I/O. [`Framer::scan`] examines bytes the
+//! reader has not examined yet and says how many of them may be handed to
+//! hyper, stopping where it needs more bytes or where it found a violation.
 
 /// The HTTP/2 connection preface's first line.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 /// A request line hyper rejects with `400` (a control byte as the method).
-const REJECTED_HEAD: &[u8] = b"\x01 / HTTP/1.1\r\n\r\n";
+pub(super) const REJECTED_HEAD: &[u8] = b"\x01 / HTTP/1.1\r\n\r\n";
 /// A chunk-size line hyper rejects, failing the body.
-const REJECTED_CHUNK: &[u8] = b"zz\r\n";
+pub(super) const REJECTED_CHUNK: &[u8] = b"zz\r\n";
 /// Longest chunk-size line (size and extensions).
 const MAX_CHUNK_LINE: usize = 4096;
 
+/// Why a head was refused (also the `reason` label of
+/// `sluicegate_rejected_total`).
+pub type Reason = &'static str;
+
+/// A violation: its reason and the bytes hyper gets instead.
+pub(super) type Rejection = (Reason, &'static [u8]);
+
 /// Where the reader is in the byte stream of requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+pub(super) enum State {
     /// Before or inside a request head.
     Head,
     /// Inside a `Content-Length` body: bytes still to come.
@@ -66,225 +49,186 @@ enum Framing {
     Upgrade,
 }
 
-/// Why a head was refused (also the `reason` label of
-/// `sluicegate_rejected_total`).
-pub type Reason = &'static str;
-
-/// The strict reader around a client stream. Writes pass straight through.
-pub struct StrictH1<T> {
-    inner: T,
-    state: State,
-    /// Read from the client, not examined yet.
-    inbox: BytesMut,
-    /// Examined and released, not yet handed to hyper.
-    out: BytesMut,
-    eof: bool,
-    max_head: usize,
-    max_headers: usize,
-    client: SocketAddr,
-    /// The slowloris guard: a started head must be complete within this.
-    /// (hyper's own header timer never sees a partial head: it is held here.)
-    head_timeout: Duration,
-    head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+/// One step of the scan.
+enum Step {
+    /// This many bytes are checked (0: only the state moved on).
+    Advance(usize),
+    /// More bytes are needed to decide.
+    Wait,
+    /// A violation.
+    Reject(Rejection),
 }
 
-impl<T> StrictH1<T> {
-    /// Guard `inner`. `max_head` and `max_headers` are hyper's limits: a
-    /// head past them is handed over as it is, for hyper's `431`.
-    pub fn new(
-        inner: T,
-        max_head: usize,
-        max_headers: usize,
-        head_timeout: Duration,
-        client: SocketAddr,
-    ) -> StrictH1<T> {
-        StrictH1 {
-            inner,
+/// The framing state of one client connection.
+pub(super) struct Framer {
+    pub(super) state: State,
+    max_head: usize,
+    max_headers: usize,
+}
+
+impl Framer {
+    pub(super) fn new(max_head: usize, max_headers: usize) -> Framer {
+        Framer {
             state: State::Head,
-            inbox: BytesMut::new(),
-            out: BytesMut::new(),
-            eof: false,
             max_head,
             max_headers,
-            client,
-            head_timeout,
-            head_deadline: None,
         }
     }
 
-    /// Move `n` examined bytes from the inbox to hyper's side.
-    fn release(&mut self, n: usize) {
-        let chunk = self.inbox.split_to(n);
-        if self.out.is_empty() {
-            self.out = chunk;
-        } else {
-            self.out.extend_from_slice(&chunk);
-        }
-    }
-
-    fn reject(&mut self, reason: Reason, replacement: &[u8]) {
-        tracing::info!(client = %self.client, reason, "request rejected: malformed or ambiguous HTTP/1.1 framing");
-        super::count_rejection(reason);
-        self.inbox.clear();
-        self.out.extend_from_slice(replacement);
-        self.state = State::Rejected;
-    }
-
-    /// Examine as much of the inbox as can be decided now.
-    fn process(&mut self) {
+    /// Examine `data`, bytes not examined yet: how many of them (a prefix)
+    /// are checked and may go to hyper, and the violation found right after
+    /// them, if any. The rest waits for more bytes.
+    pub(super) fn scan(&mut self, data: &[u8]) -> (usize, Option<Rejection>) {
+        let mut pos = 0;
         loop {
-            let progressed = match self.state {
-                State::Head => self.step_head(),
+            let rest = &data[pos..];
+            let step = match self.state {
+                State::Head => self.step_head(rest),
                 State::Body(left) => {
-                    let n = (left.min(self.inbox.len() as u64)) as usize;
-                    self.release(n);
-                    self.state = if left == n as u64 {
+                    let n = left.min(rest.len() as u64);
+                    self.state = if left == n {
                         State::Head
                     } else {
-                        State::Body(left - n as u64)
+                        State::Body(left - n)
                     };
-                    n > 0
+                    advance_or_wait(n as usize)
                 }
-                State::ChunkSize => self.step_chunk_size(),
+                State::ChunkSize => self.step_chunk_size(rest),
                 State::ChunkData(left) => {
-                    let n = (left.min(self.inbox.len() as u64)) as usize;
-                    self.release(n);
-                    self.state = if left == n as u64 {
+                    let n = left.min(rest.len() as u64);
+                    self.state = if left == n {
                         State::ChunkEnd
                     } else {
-                        State::ChunkData(left - n as u64)
+                        State::ChunkData(left - n)
                     };
-                    n > 0
+                    advance_or_wait(n as usize)
                 }
                 State::ChunkEnd => {
-                    if self.inbox.len() < 2 {
-                        false
-                    } else if &self.inbox[..2] == b"\r\n" {
-                        self.release(2);
+                    if rest.len() < 2 {
+                        Step::Wait
+                    } else if &rest[..2] == b"\r\n" {
                         self.state = State::ChunkSize;
-                        true
+                        Step::Advance(2)
                     } else {
-                        self.reject("bad_chunk_end", REJECTED_CHUNK);
-                        false
+                        Step::Reject(("bad_chunk_end", REJECTED_CHUNK))
                     }
                 }
-                State::Trailers(seen) => self.step_trailer(seen),
-                State::Passthrough => {
-                    let n = self.inbox.len();
-                    self.release(n);
-                    false
-                }
-                State::Rejected => {
-                    self.inbox.clear();
-                    false
-                }
+                State::Trailers(seen) => self.step_trailer(rest, seen),
+                State::Passthrough => advance_or_wait(rest.len()),
+                State::Rejected => Step::Wait,
             };
-            if !progressed || self.inbox.is_empty() {
-                return;
+            match step {
+                Step::Advance(n) => {
+                    pos += n;
+                    if pos == data.len() {
+                        return (pos, None);
+                    }
+                }
+                Step::Wait => return (pos, None),
+                Step::Reject(rejection) => {
+                    self.state = State::Rejected;
+                    return (pos, Some(rejection));
+                }
             }
         }
     }
 
-    fn step_head(&mut self) -> bool {
+    fn step_head(&mut self, rest: &[u8]) -> Step {
         // Empty lines before a request line are allowed (RFC 9112 §2.2).
-        let blank = self
-            .inbox
+        let blank = rest
             .iter()
             .take_while(|b| matches!(b, b'\r' | b'\n'))
             .count();
         if blank > 0 {
-            self.release(blank);
+            return Step::Advance(blank);
         }
-        if self.inbox.is_empty() {
-            return false;
+        if rest.is_empty() {
+            return Step::Wait;
         }
-        let n = self.inbox.len().min(H2_PREFACE.len());
-        if self.inbox[..n] == H2_PREFACE[..n] {
+        let n = rest.len().min(H2_PREFACE.len());
+        if rest[..n] == H2_PREFACE[..n] {
             if n == H2_PREFACE.len() {
                 self.state = State::Passthrough;
-                return true;
+                return Step::Advance(0);
             }
-            return false;
+            return Step::Wait;
         }
-        let Some(end) = head_end(&self.inbox) else {
-            if self.inbox.len() > self.max_head {
+        let Some(end) = head_end(rest) else {
+            if rest.len() > self.max_head {
                 // hyper answers 431 and closes.
                 self.state = State::Passthrough;
-                return true;
+                return Step::Advance(0);
             }
-            return false;
+            return Step::Wait;
         };
-        match check_head(&self.inbox[..end], self.max_headers) {
+        match check_head(&rest[..end], self.max_headers) {
             Ok(framing) => {
-                self.release(end);
                 self.state = match framing {
                     Framing::None | Framing::Length(0) => State::Head,
                     Framing::Length(n) => State::Body(n),
                     Framing::Chunked => State::ChunkSize,
                     Framing::Upgrade => State::Passthrough,
                 };
-                true
+                Step::Advance(end)
             }
             Err(None) => {
                 // Past hyper's header count: it answers 431 itself.
                 self.state = State::Passthrough;
-                true
+                Step::Advance(0)
             }
-            Err(Some(reason)) => {
-                self.reject(reason, REJECTED_HEAD);
-                false
-            }
+            Err(Some(reason)) => Step::Reject((reason, REJECTED_HEAD)),
         }
     }
 
-    fn step_chunk_size(&mut self) -> bool {
-        let Some(nl) = self.inbox.iter().position(|&b| b == b'\n') else {
-            if self.inbox.len() > MAX_CHUNK_LINE {
-                self.reject("bad_chunk_size", REJECTED_CHUNK);
+    fn step_chunk_size(&mut self, rest: &[u8]) -> Step {
+        let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+            if rest.len() > MAX_CHUNK_LINE {
+                return Step::Reject(("bad_chunk_size", REJECTED_CHUNK));
             }
-            return false;
+            return Step::Wait;
         };
-        match chunk_size(&self.inbox[..=nl]) {
+        match chunk_size(&rest[..=nl]) {
             Some(size) => {
-                self.release(nl + 1);
                 self.state = if size == 0 {
                     State::Trailers(0)
                 } else {
                     State::ChunkData(size)
                 };
-                true
+                Step::Advance(nl + 1)
             }
-            None => {
-                self.reject("bad_chunk_size", REJECTED_CHUNK);
-                false
-            }
+            None => Step::Reject(("bad_chunk_size", REJECTED_CHUNK)),
         }
     }
 
-    fn step_trailer(&mut self, seen: usize) -> bool {
-        let Some(nl) = self.inbox.iter().position(|&b| b == b'\n') else {
-            if seen + self.inbox.len() > self.max_head {
-                self.reject("bad_trailer", REJECTED_CHUNK);
+    fn step_trailer(&mut self, rest: &[u8], seen: usize) -> Step {
+        let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+            if seen + rest.len() > self.max_head {
+                return Step::Reject(("bad_trailer", REJECTED_CHUNK));
             }
-            return false;
+            return Step::Wait;
         };
-        let line = &self.inbox[..=nl];
+        let line = &rest[..=nl];
         let ok = nl >= 1
             && line[nl - 1] == b'\r'
             && !line[..nl - 1].contains(&b'\r')
             && (nl == 1 || check_field_line(&line[..nl - 1]).is_ok());
         if !ok || seen + nl + 1 > self.max_head {
-            self.reject("bad_trailer", REJECTED_CHUNK);
-            return false;
+            return Step::Reject(("bad_trailer", REJECTED_CHUNK));
         }
-        let last = nl == 1;
-        self.release(nl + 1);
-        self.state = if last {
+        self.state = if nl == 1 {
             State::Head
         } else {
             State::Trailers(seen + nl + 1)
         };
-        true
+        Step::Advance(nl + 1)
+    }
+}
+
+fn advance_or_wait(n: usize) -> Step {
+    if n == 0 {
+        Step::Wait
+    } else {
+        Step::Advance(n)
     }
 }
 
@@ -462,102 +406,6 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(&line[..digits]).ok()?, 16).ok()
 }
 
-/// How much room a read asks for in the inbox.
-const READ_CHUNK: usize = 16 * 1024;
-
-impl<T: AsyncRead + Unpin> AsyncRead for StrictH1<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        loop {
-            if buf.remaining() == 0 {
-                return Poll::Ready(Ok(()));
-            }
-            if !this.out.is_empty() {
-                let n = this.out.len().min(buf.remaining());
-                buf.put_slice(&this.out[..n]);
-                this.out.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            if this.eof || this.state == State::Rejected {
-                return Poll::Ready(Ok(()));
-            }
-            if this.state == State::Passthrough && this.inbox.is_empty() {
-                return Pin::new(&mut this.inner).poll_read(cx, buf);
-            }
-            // Read straight into the inbox's spare room: no zeroed scratch
-            // buffer and no extra copy per read (the profile showed both).
-            if this.inbox.capacity() - this.inbox.len() < READ_CHUNK / 2 {
-                this.inbox.reserve(READ_CHUNK);
-            }
-            let read =
-                tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.inbox);
-            let Poll::Ready(read) = read else {
-                // Waiting inside a head: the head deadline runs.
-                if this.state == State::Head && !this.inbox.is_empty() {
-                    let timeout = this.head_timeout;
-                    let deadline = this
-                        .head_deadline
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                    if deadline.as_mut().poll(cx).is_ready() {
-                        super::count_rejection("head_timeout");
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "request head not received within header_read_ms",
-                        )));
-                    }
-                }
-                return Poll::Pending;
-            };
-            if read? == 0 {
-                // The client closed: hand over what is left as it is (hyper
-                // sees a truncated message).
-                this.eof = true;
-                let n = this.inbox.len();
-                this.release(n);
-                continue;
-            }
-            this.process();
-            if this.state != State::Head || this.inbox.is_empty() {
-                this.head_deadline = None;
-            }
-        }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for StrictH1<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,48 +485,5 @@ mod tests {
         assert_eq!(chunk_size(b"1a\n"), None);
         assert_eq!(chunk_size(b"fffffffffffffffff\r\n"), None);
         assert_eq!(chunk_size(b"0x10\r\n"), None);
-    }
-
-    async fn run(input: &[u8]) -> Vec<u8> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut a, b) = tokio::io::duplex(1 << 16);
-        a.write_all(input).await.unwrap();
-        drop(a);
-        let mut guard = StrictH1::new(
-            b,
-            8192,
-            100,
-            Duration::from_secs(5),
-            "127.0.0.1:1".parse().unwrap(),
-        );
-        let mut out = Vec::new();
-        guard.read_to_end(&mut out).await.unwrap();
-        out
-    }
-
-    #[tokio::test]
-    async fn pipelined_requests_pass_and_the_bad_one_is_replaced() {
-        let good = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
-POST /b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n\
-GET /c HTTP/1.1\r\nHost: a\r\n\r\n";
-        assert_eq!(run(good).await, good.to_vec());
-        let mut smuggle = good.to_vec();
-        smuggle.extend_from_slice(
-            b"GET /d HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
-        );
-        let mut want = good.to_vec();
-        want.extend_from_slice(REJECTED_HEAD);
-        assert_eq!(run(&smuggle).await, want);
-        // A bad chunk line fails the body.
-        let bad = b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n-1\r\n";
-        let out = run(bad).await;
-        assert!(
-            out.ends_with(b"hello\r\nzz\r\n"),
-            "{}",
-            String::from_utf8_lossy(&out)
-        );
-        // The h2 preface is passed through.
-        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00";
-        assert_eq!(run(h2).await, h2.to_vec());
     }
 }
