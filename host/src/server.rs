@@ -105,13 +105,13 @@ pub async fn serve(
                 let (max_head, max_headers) = (limits.max_header_bytes.max(8192), limits.max_headers);
                 let served = Arc::new(AtomicU64::new(0));
                 let body_inflight = inflight.clone();
+                let max = limits.max_requests_per_connection;
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let proxy = proxy.clone();
                     // Counted until the response body ends (idle timeout and
                     // parking must not strike a response that is streaming).
                     let guard = InFlight::new(body_inflight.clone());
                     let n = served.fetch_add(1, Ordering::Relaxed) + 1;
-                    let max = limits.max_requests_per_connection;
                     let fut: Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>> = Box::pin(async move {
                         let version = req.version();
                         let mut resp = proxy.handle(req, conn_info).await;

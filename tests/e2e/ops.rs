@@ -349,6 +349,12 @@ async fn render(url: &str, png: Option<&std::path::Path>) -> String {
         "--disable-gpu".into(),
         "--disable-dev-shm-usage".into(),
         "--no-first-run".into(),
+        // No background connections: this machine's closed network refuses
+        // them, and waiting on them slows the render.
+        "--disable-background-networking".into(),
+        "--disable-component-update".into(),
+        "--disable-sync".into(),
+        "--disable-quic".into(),
         format!("--user-data-dir={}", profile.path().display()),
         "--virtual-time-budget=5000".into(),
         "--window-size=1100,760".into(),
