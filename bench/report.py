@@ -481,41 +481,45 @@ spread over the interleaved rounds; absolute numbers swing ±25% between runs on
 machine, ratios much less.
 """
 
-PROFILE_READING = """**Reading** (from the profile of 2026-11-23, loaded machine; re-check after changes):
+PROFILE_READING = """**Reading** (profile and CPU accounting of 2026-11-30, quiet machine):
 
-- About half of the proxy's CPU is the kernel: loopback TCP send/receive (`writev` to the client
-  and the backend carries the receiving side's softirq work too), `epoll`, scheduling. `strace -c`
-  under the same load shows the minimum a proxy hop can do: 2 `writev` + 2 `recvfrom` per request
-  (client and upstream), `epoll_wait` only about once per 20 requests (readiness is batched). nginx
-  makes the same 4 calls plus a `getsockopt` per upstream request. There is no syscall to save.
-- User time is spread over hyper's HTTP/1 codec and dispatcher, tokio, mimalloc, `memcpy`/`memmove`
-  and `http`/`httparse`; Sluicegate's own code (`journey`, header rules, routing, balancing) is about
-  5% self time, no symbol of it above 3%.
-- The largest single user-space item, `memmove` (~5%), is mostly moves of big futures, found in the
-  binary: per request, hyper's `recv_msg` allocates and copies Sluicegate's service future
-  (`server.rs`'s `Box::pin(async move { proxy.handle(..) })`, **4,544 bytes**: `handle` → `journey`
-  → `forward` → `UpstreamClient::forward` nested inline), and hyper-util's `Client::request` boxes a
-  3,160-byte future; the dispatcher also copies the response head into its write buffer. Shrinking
-  the service future (boxing the filter-only branches of `journey`, or the upstream call) would cut
-  that copy, but the gain (~1–2%) is below what this machine can resolve between two builds, so it
-  is left as a measured lead rather than a change.
-- No other host-code item dominates; saving the few per-request allocations (the `Via` and
-  `X-Forwarded-For` strings, the `Host` copy used for routing) would be well under 1%. For the
-  owners of `upstream.rs`/`balance/`: the request head (`HeaderMap`, `Uri`) is cloned for every
-  replayable request while a retry may follow (`retries` defaults to 2), i.e. on every GET; the
-  peak-EWMA balancer calls `exp()` per request (0.3%).
+- **CPU per request** (`/proc/PID/stat` before and after 4 s of `wrk -t1 -c50`, same machine, runs
+  alternated): Sluicegate 11.4–12.7 µs user + 10.2–11.0 µs kernel; nginx 4.0–4.9 µs user +
+  7.7–11.2 µs kernel. `strace -c` under the same load: both make 2 `writev` + 2 `recvfrom` per
+  request (nginx adds a `getsockopt`), Sluicegate calls `epoll_wait` less often (readiness is
+  batched). The kernel work is the same; **the whole gap to nginx is user time, about 3× nginx's**.
+  Being 1.2× nginx would need Sluicegate's user time per request below nginx's own, which hyper +
+  tokio + hyper-util's pooled client do not reach on one worker; the goal stays open.
+- User time is spread thin: hyper's HTTP/1 codec and dispatcher (server and client side), tokio
+  (task wakeups, timers, readiness), `memmove`, `bytes`/`http`/`httparse`, mimalloc. Sluicegate's
+  own code is a few percent of self time; the strict HTTP/1.1 reader (`Framer::scan`) is 0.65%.
+- **Removed this session**: (1) the strict reader no longer copies request bytes: it reads into
+  hyper's buffer and checks them there (only a head that arrives in pieces is gathered in its own
+  buffer); (2) the per-request service future shrank from 8,128 to 5,560 bytes by boxing the cache
+  path's future (`journey` was carrying `through_cache`'s 5,296 bytes on every plain request, and
+  hyper copies the service future to the heap per request). Both are real work removed; neither
+  moves req/s beyond this machine's run-to-run noise (±10%).
+- **The largest remaining lead** is hyper-util's legacy pooled client (about 12% of user time):
+  a pool checkout keyed by scheme and authority with SipHash, an mpsc hop to the upstream
+  connection's task and a oneshot back, and a task spawned per request to return the connection to
+  the pool when the body ends. A per-endpoint pool of hyper `client::conn::http1` senders kept on
+  the balancer's endpoint (no hashing, no return task) would remove most of it; it touches retries,
+  stale-connection replay and TLS upstreams, so it is the next piece of work, not a tweak.
 """
 
 MEMORY_READING = """**Reading**: idle, Sluicegate is close to nginx (its extra megabytes are the tokio runtime,
-the metrics registry and, with a filter, the wasmtime engine and a compiled component). With many
-idle keep-alive connections it is not: about 4 KB per connection that never sent a request, and
-about 25–30 KB per connection once it has carried one. That matches hyper 1.x's HTTP/1 connection
-state, which keeps an 8 KB read buffer and an 8 KB write buffer for the whole life of the
-connection (hyper has no option to release them while idle), plus the connection task, its idle
-timer and allocator rounding. nginx releases its buffers on idle keep-alive connections (< 1 KB
-per connection). Meeting the 100 MB goal needs an HTTP/1 server that drops or shrinks its buffers
-between requests; that is a change of the server layer, not a tuning knob. Freed memory is kept
-by mimalloc for reuse and handed back lazily, so RSS right after the connections close stays high.
+the metrics registry and, with a filter, the wasmtime engine and a compiled component). hyper 1.x
+keeps an 8 KB read buffer and an 8 KB write buffer for the whole life of an HTTP/1 connection, with
+no option to release them; that made 10,000 idle connections cost 328 MB (~31 KB each). Since
+2026-11-30 an HTTP/1.1 connection idle at a request boundary for `keepalive_park_ms` (default
+20 ms) is **parked**, as nginx does with its idle keep-alive connections: the strict reader shows
+hyper an end of stream, hyper closes its side and frees its buffers, and the socket waits for the
+client's next bytes with no buffer at all; the next request gets a new hyper connection on the same
+socket (`docs/request-lifecycle.md`). What is left per idle connection is the task, the socket
+registration, the idle timer and the reader's small state. mimalloc is built in its v2 mode, which
+hands freed pages back to the OS after 10 ms (v3 waits a second and only when the thread allocates
+again, so an idle proxy kept the peak). Under load a connection is never idle for 20 ms, so the hot
+path pays nothing for this.
 """
 
 SETUP = """## Setup and caveats
