@@ -19,7 +19,7 @@ pub mod protect {
     /// Rejections are counted by the host; not here.
     pub fn count_rejection(_reason: &'static str) {}
 
-    #[path = "../../../host/src/protect/h1.rs"]
+    #[path = "../../../host/src/protect/h1/mod.rs"]
     pub mod h1;
 
     #[path = "../../../host/src/protect/origin.rs"]
