@@ -492,7 +492,7 @@ PROFILE_READING = """**Reading** (profile and CPU accounting of 2026-11-30, quie
   tokio + hyper-util's pooled client do not reach on one worker; the goal stays open.
 - User time is spread thin: hyper's HTTP/1 codec and dispatcher (server and client side), tokio
   (task wakeups, timers, readiness), `memmove`, `bytes`/`http`/`httparse`, mimalloc. Sluicegate's
-  own code is a few percent of self time; the strict HTTP/1.1 reader (`Framer::scan`) is 0.65%.
+  own code is a few percent of self time; the strict HTTP/1.1 reader (`Framer::scan`) is under 1%.
 - **Removed this session**: (1) the strict reader no longer copies request bytes: it reads into
   hyper's buffer and checks them there (only a head that arrives in pieces is gathered in its own
   buffer); (2) the per-request service future shrank from 8,128 to 5,560 bytes by boxing the cache
