@@ -30,44 +30,21 @@ fn parking_proxy(backend: &Backend, idle_ms: u64) -> Proxy {
 }
 
 async fn parked_total(p: &Proxy) -> u64 {
-    let metrics = within(10, "metrics", p.admin_get("/metrics")).await.text();
-    metrics
-        .lines()
-        .find(|l| l.starts_with("sluicegate_connections_parked_total"))
-        .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+    let page = within(10, "metrics", p.admin_get("/metrics")).await.text();
+    metric_value(&page, "sluicegate_connections_parked_total") as u64
 }
 
-/// Read `n` whole responses (Content-Length bodies) off `s`; their
-/// statuses and the `x-backend` path echoed in each body.
+/// Read `n` whole responses off `s`: their statuses and bodies (the echo
+/// backend's body names the path it saw).
 async fn read_responses(s: &mut TcpStream, n: usize) -> Vec<(u16, String)> {
     let mut buf = Vec::new();
     let mut out = Vec::new();
     let mut chunk = [0u8; 8192];
     while out.len() < n {
-        loop {
-            let text = String::from_utf8_lossy(&buf).to_string();
-            let Some(end) = text.find("\r\n\r\n") else {
-                break;
-            };
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            if buf.len() < end + 4 + len {
-                break;
-            }
-            let status = text[9..12].parse().unwrap_or(0);
-            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
-            out.push((status, body));
-            buf.drain(..end + 4 + len);
-            if out.len() == n {
-                return out;
-            }
+        if let Some((status, body, used)) = split_response(&buf) {
+            out.push((status, String::from_utf8_lossy(&body).into_owned()));
+            buf.drain(..used);
+            continue;
         }
         let got = within(10, "response bytes", s.read(&mut chunk))
             .await

@@ -20,7 +20,8 @@ use tokio::task::JoinSet;
 
 use crate::common::backend::echo_response;
 use crate::common::{
-    client, install, rss_kib, versioned, wasm, within, Backend, Cfg, H1Conn, H2Conn, Proxy,
+    client, install, metric_value, rss_kib, split_response, versioned, wasm, within, Backend, Cfg,
+    H1Conn, H2Conn, Proxy,
 };
 
 /// An echo server that can be killed — listener and every open connection
@@ -424,19 +425,8 @@ async fn get_on(s: &mut TcpStream) -> std::io::Result<u16> {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap_or(0))
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return Ok(text[9..12].parse().unwrap_or(0));
-            }
+        if let Some((status, _, _)) = split_response(&buf) {
+            return Ok(status);
         }
     }
 }
@@ -498,11 +488,7 @@ async fn ten_thousand_concurrent_connections_are_all_served() {
     }
     let rss = rss_kib(p.pid()).unwrap_or(0);
     let metrics = within(10, "metrics", p.admin_get("/metrics")).await.text();
-    let gauge = metrics
-        .lines()
-        .find(|l| l.starts_with("sluicegate_open_connections"))
-        .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
+    let gauge = metric_value(&metrics, "sluicegate_open_connections");
     eprintln!("10k connections: opened in {opened:?}, all served in {:?}; {ok} ok; proxy RSS {} MiB; open gauge {gauge}", started.elapsed(), rss / 1024);
     assert!(
         bad.is_empty(),

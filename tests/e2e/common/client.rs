@@ -264,3 +264,33 @@ impl Drop for H2Conn {
         self.task.abort();
     }
 }
+
+/// One whole HTTP/1.1 response with a `Content-Length` body (or none) at
+/// the front of `buf`, as raw bytes off a socket: its status, its body and
+/// how many bytes of `buf` it took. `None` until all of it is there.
+pub fn split_response(buf: &[u8]) -> Option<(u16, Vec<u8>, usize)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    let used = end + 4 + len;
+    if buf.len() < used {
+        return None;
+    }
+    let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Some((status, buf[end + 4..used].to_vec(), used))
+}
+
+/// The value of the first sample of `name` in a Prometheus text page.
+pub fn metric_value(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}

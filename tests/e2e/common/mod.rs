@@ -18,7 +18,7 @@ use std::time::Duration;
 
 pub use backend::{Backend, Broken};
 #[allow(unused_imports)]
-pub use client::{Echo, H1Conn, H2Conn, Resp};
+pub use client::{metric_value, split_response, Echo, H1Conn, H2Conn, Resp};
 #[allow(unused_imports)]
 pub use proc::{Proxy, ProxyBuilder};
 

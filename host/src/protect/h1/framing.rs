@@ -84,24 +84,10 @@ impl Framer {
             let rest = &data[pos..];
             let step = match self.state {
                 State::Head => self.step_head(rest),
-                State::Body(left) => {
-                    let n = left.min(rest.len() as u64);
-                    self.state = if left == n {
-                        State::Head
-                    } else {
-                        State::Body(left - n)
-                    };
-                    advance_or_wait(n as usize)
-                }
+                State::Body(left) => self.counted(left, rest, State::Head, State::Body),
                 State::ChunkSize => self.step_chunk_size(rest),
                 State::ChunkData(left) => {
-                    let n = left.min(rest.len() as u64);
-                    self.state = if left == n {
-                        State::ChunkEnd
-                    } else {
-                        State::ChunkData(left - n)
-                    };
-                    advance_or_wait(n as usize)
+                    self.counted(left, rest, State::ChunkEnd, State::ChunkData)
                 }
                 State::ChunkEnd => {
                     if rest.len() < 2 {
@@ -131,6 +117,14 @@ impl Framer {
                 }
             }
         }
+    }
+
+    /// `left` bytes of a body or chunk still to come: take what `rest`
+    /// has of them; then `done`, or `more` with what is still to come.
+    fn counted(&mut self, left: u64, rest: &[u8], done: State, more: fn(u64) -> State) -> Step {
+        let n = left.min(rest.len() as u64);
+        self.state = if left == n { done } else { more(left - n) };
+        advance_or_wait(n as usize)
     }
 
     fn step_head(&mut self, rest: &[u8]) -> Step {

@@ -192,8 +192,6 @@ impl<T> StrictH1<T> {
         self.release(ok);
         if let Some(r) = rejection {
             self.reject(r);
-        } else if self.framer.state == State::Rejected {
-            self.inbox.clear();
         }
         if self.inbox.is_empty() {
             // Give the read room back: the next reads go to hyper's buffer.
@@ -246,7 +244,6 @@ impl<T: AsyncRead + Unpin> StrictH1<T> {
         }
         match rejection {
             Some(r) => self.reject(r),
-            None if self.framer.state == State::Rejected => {}
             None => self.inbox.extend_from_slice(&buf.filled()[before + ok..]),
         }
         buf.set_filled(before + ok);
@@ -453,18 +450,22 @@ mod tests {
     use super::framing::REJECTED_HEAD;
     use super::*;
 
+    fn strict<T>(io: T) -> StrictH1<T> {
+        StrictH1::new(
+            io,
+            8192,
+            100,
+            Duration::from_secs(5),
+            "127.0.0.1:1".parse().unwrap(),
+        )
+    }
+
     async fn run(input: &[u8]) -> Vec<u8> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut a, b) = tokio::io::duplex(1 << 16);
         a.write_all(input).await.unwrap();
         drop(a);
-        let mut guard = StrictH1::new(
-            b,
-            8192,
-            100,
-            Duration::from_secs(5),
-            "127.0.0.1:1".parse().unwrap(),
-        );
+        let mut guard = strict(b);
         let mut out = Vec::new();
         guard.read_to_end(&mut out).await.unwrap();
         out
@@ -523,13 +524,7 @@ GET /c HTTP/1.1\r\nHost: a\r\n\r\n";
                         }
                     }
                 });
-                let mut guard = StrictH1::new(
-                    b,
-                    8192,
-                    100,
-                    Duration::from_secs(5),
-                    "127.0.0.1:1".parse().unwrap(),
-                );
+                let mut guard = strict(b);
                 let mut out = Vec::new();
                 guard.read_to_end(&mut out).await.unwrap();
                 assert_eq!(out, want, "pieces of {piece}");
@@ -546,14 +541,7 @@ GET /c HTTP/1.1\r\nHost: a\r\n\r\n";
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut a, b) = tokio::io::duplex(1024);
         let inflight = Arc::new(AtomicUsize::new(0));
-        let mut guard = StrictH1::new(
-            b,
-            8192,
-            100,
-            Duration::from_secs(5),
-            "127.0.0.1:1".parse().unwrap(),
-        )
-        .with_park(Duration::from_millis(40), inflight.clone());
+        let mut guard = strict(b).with_park(Duration::from_millis(40), inflight.clone());
         let req = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
         a.write_all(req).await.unwrap();
         let mut buf = [0u8; 256];
