@@ -331,6 +331,48 @@ async fn upstream_connections_are_pooled() {
     );
 }
 
+/// An upstream that closes idle keep-alive connections sooner than the
+/// proxy's pool lets them go loses no request: not even a POST with a
+/// body, which the retry policy never replays (retries are off here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_idle_connections_loses_no_request() {
+    let app = Backend::closes_when_idle("app", Duration::from_millis(10)).await;
+    let addr = app.addr();
+    let proxy = Proxy::start(
+        &Cfg::new()
+            .admin()
+            .route(None, "/", "app")
+            .extra(&format!(
+                "[[upstream]]\nname = \"app\"\nendpoints = [\"{addr}\"]\nretries = 0\n"
+            ))
+            .toml(),
+    );
+    for i in 0..10 {
+        let body = "x".repeat(100 + i);
+        let resp = within(10, "POST", proxy.request(Method::POST, "/", &[], body)).await;
+        assert_eq!(resp.status, StatusCode::OK, "request {i}: {}", resp.text());
+        assert_eq!(resp.text(), format!("got {}", 100 + i));
+        // Long enough for the upstream to close the pooled connection.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    // Back to back on one client connection: the pooled upstream
+    // connection is reused while the upstream keeps it.
+    let mut conn: H1Conn = H1Conn::connect(proxy.addr()).await;
+    for _ in 0..10 {
+        let req = client::build(Method::GET, "/", &[], Bytes::new());
+        assert_eq!(conn.send(req).await.status, StatusCode::OK);
+    }
+    assert_eq!(app.requests(), 20);
+    let metrics = proxy.admin_get("/metrics").await.text();
+    let opened = client::metric_value(&metrics, "sluicegate_upstream_connections_opened_total");
+    assert_eq!(opened as usize, app.accepts(), "{metrics}");
+    assert!(
+        (11..=13).contains(&app.accepts()),
+        "10 requests after idle gaps and 10 back to back opened {} connections",
+        app.accepts()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge() {
     let (h2, other) = (Backend::echo("h2").await, Backend::echo("other").await);

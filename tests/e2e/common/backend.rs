@@ -184,6 +184,56 @@ impl Backend {
         .await
     }
 
+    /// An HTTP/1.1 server that answers `got <n>` (`n`: the request body's
+    /// length) without `Connection: close`, then closes each connection
+    /// when no new request arrives within `keepalive` (an upstream whose
+    /// keep-alive timeout is shorter than the proxy's pool's).
+    pub async fn closes_when_idle(id: &str, keepalive: Duration) -> Backend {
+        let id = id.to_string();
+        Backend::raw(&id.clone(), move |mut stream, requests, _seen| {
+            let id = id.clone();
+            async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // A head, then its Content-Length of body.
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match tokio::time::timeout(keepalive, stream.read(&mut chunk)).await {
+                            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return, // idle too long, or closed: close
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + length {
+                        match stream.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    buf.drain(..end + length);
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    let body = format!("got {length}");
+                    let out = format!(
+                        "HTTP/1.1 200 OK\r\nx-backend: {id}\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(out.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .await
+    }
+
     /// A WebSocket server: greets with the text `welcome <id>`, then echoes
     /// every text and binary message. The handshake request's headers are
     /// kept (see [`Backend::seen_headers`]).

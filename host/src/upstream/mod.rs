@@ -1,13 +1,20 @@
 //! The pooled upstream client: sends a request to an endpoint of an
 //! upstream chosen by its balancer, retrying on other endpoints when that
 //! is safe, and reports each attempt's outcome to the balancer.
+//!
+//! Plain-HTTP requests go through this worker's own keep-alive [`pool`],
+//! whose connections are driven by the request that uses them. TLS
+//! upstreams and upgrade (WebSocket) requests go through hyper-util's
+//! pooled client.
+
+mod pool;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, Uri};
+use http::{header, Method, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -62,9 +69,12 @@ pub enum ForwardError {
 /// A pooled client that speaks TLS to its endpoints.
 type TlsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
-/// The shared HTTP client with a keep-alive pool per endpoint.
+/// The upstream client of one worker, with a keep-alive pool per endpoint.
 #[derive(Clone)]
 pub struct UpstreamClient {
+    /// Plain HTTP/1.1, driven inline (see [`pool`]).
+    pool: pool::Pool,
+    /// Plain upgrade requests (the connection becomes a tunnel).
     client: Client<HttpConnector, ProxyBody>,
     response_timeout: Duration,
     connect_timeout: Duration,
@@ -82,6 +92,7 @@ impl UpstreamClient {
         let idle_per_host = config.proxy.limits.upstream_idle_per_host;
         let connector = http_connector(connect_timeout, true);
         UpstreamClient {
+            pool: pool::Pool::new(idle_per_host, connect_timeout),
             client: pooled(idle_per_host).build(connector),
             response_timeout: Duration::from_millis(t.upstream_response_ms),
             connect_timeout,
@@ -148,6 +159,9 @@ impl UpstreamClient {
             None => None,
         };
         let mut _ticket = None;
+        // The inline pool for plain HTTP; an upgrade needs hyper-util's
+        // client, which hands the connection over to the tunnel.
+        let inline = upstream.tls.is_none() && !req.headers().contains_key(header::UPGRADE);
         let attempts = 1 + upstream.retries.min(MAX_RETRIES);
         let mut tried = [0usize; MAX_RETRIES + 1];
         let (parts, body) = req.into_parts();
@@ -171,24 +185,46 @@ impl UpstreamClient {
                     None => break,
                 },
             };
-            let scheme = if upstream.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            let target = endpoint_uri(scheme, &endpoint.authority, &this.uri);
             let mut req = Request::from_parts(this, body.take().unwrap_or_else(body::empty));
-            *req.uri_mut() = target;
             let started = Instant::now();
-            let sent = match &upstream.tls {
-                Some(tls) => self.tls_client(tls).request(req),
-                None => self.client.request(req),
+            let sent = async {
+                if inline {
+                    *req.uri_mut() = origin_form(req.uri());
+                    return match self.pool.send(&endpoint.addr, req).await {
+                        Ok((resp, conn)) => {
+                            let lease = pool::Lease::new(
+                                conn,
+                                self.pool.clone(),
+                                endpoint.addr.clone(),
+                                started,
+                            );
+                            Ok((resp, Some(lease)))
+                        }
+                        Err(pool::SendError::Connect(reason)) => Err(Failed::Connect(reason)),
+                        Err(pool::SendError::Http(e)) => Err(Failed::Broken(error_chain(&e))),
+                    };
+                }
+                let scheme = if upstream.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                *req.uri_mut() = endpoint_uri(scheme, &endpoint.authority, req.uri());
+                let sent = match &upstream.tls {
+                    Some(tls) => self.tls_client(tls).request(req).await,
+                    None => self.client.request(req).await,
+                };
+                match sent {
+                    Ok(resp) => Ok((resp, None)),
+                    Err(e) if e.is_connect() => Err(Failed::Connect(error_chain(&e))),
+                    Err(e) => Err(Failed::Broken(error_chain(&e))),
+                }
             };
             let result = tokio::time::timeout(self.response_timeout, sent).await;
             let rtt = started.elapsed();
             upstream.latency.record(rtt.as_secs_f64());
             let failure = match result {
-                Ok(Ok(resp)) => {
+                Ok(Ok((resp, lease))) => {
                     let status = resp.status();
                     upstream.record(i, Some(status), rtt);
                     let again = matches!(status.as_u16(), 502..=504) && idempotent && may_retry;
@@ -196,6 +232,7 @@ impl UpstreamClient {
                     let resp = resp.map(|b| {
                         body::boxed(Tracked {
                             inner: b,
+                            lease,
                             _guard: guard,
                             _slot: if ticket.is_none() { slot.take() } else { None },
                         })
@@ -208,18 +245,18 @@ impl UpstreamClient {
                     last = Some(Ok(resp));
                     continue;
                 }
-                Ok(Err(e)) if e.is_connect() => {
-                    tracing::warn!(upstream = %upstream.name, endpoint = %endpoint.addr, error = %error_chain(&e), "upstream connect failed");
+                Ok(Err(Failed::Connect(reason))) => {
+                    tracing::warn!(upstream = %upstream.name, endpoint = %endpoint.addr, error = %reason, "upstream connect failed");
                     let err = ForwardError::Connect {
                         endpoint: endpoint.addr.to_string(),
-                        reason: error_chain(&e),
+                        reason,
                     };
                     (err, may_retry)
                 }
-                Ok(Err(e)) => {
+                Ok(Err(Failed::Broken(reason))) => {
                     let err = ForwardError::Broken {
                         endpoint: endpoint.addr.to_string(),
-                        reason: error_chain(&e),
+                        reason,
                     };
                     (err, may_retry && idempotent)
                 }
@@ -248,6 +285,14 @@ impl UpstreamClient {
     }
 }
 
+/// Why one attempt got no response head.
+enum Failed {
+    /// No connection (always safe to retry elsewhere).
+    Connect(String),
+    /// The connection broke or the response was malformed.
+    Broken(String),
+}
+
 /// A retry, if the upstream's retry budget allows one now.
 fn retry_ticket(upstream: &Upstream) -> Option<RetryTicket> {
     let ticket = upstream.retry_budget.try_retry(upstream.in_flight());
@@ -262,11 +307,25 @@ fn retry_ticket(upstream: &Upstream) -> Option<RetryTicket> {
 
 /// An upstream response body that keeps its endpoint's in-flight count
 /// (and the upstream slot, with `[upstream.limits]`) until it ends or is
-/// dropped.
+/// dropped. From the inline pool, it also drives its connection, and
+/// returns it to the pool once the body has ended.
 struct Tracked {
+    // Dropped before the lease: hyper then sees the body's reader gone.
     inner: Incoming,
+    lease: Option<pool::Lease>,
     _guard: InFlight,
     _slot: Option<Slot>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // hyper's server stops reading a body whose length it has written.
+        if http_body::Body::is_end_stream(&self.inner) {
+            if let Some(lease) = self.lease.as_mut() {
+                lease.ended();
+            }
+        }
+    }
 }
 
 impl http_body::Body for Tracked {
@@ -277,7 +336,16 @@ impl http_body::Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        if let Some(lease) = this.lease.as_mut() {
+            // The connection first, so what it reads reaches the body.
+            lease.drive(cx);
+        }
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Poll::Ready(None), Some(lease)) = (&frame, this.lease.as_mut()) {
+            lease.ended();
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -318,6 +386,16 @@ fn endpoint_uri(scheme: &str, authority: &http::uri::Authority, original: &Uri) 
         .path_and_query(pq)
         .build()
         .unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// The path and query of `uri` alone (what goes on an HTTP/1.1 request
+/// line to an origin).
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(_) if uri.scheme().is_none() && uri.authority().is_none() => uri.clone(),
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    }
 }
 
 /// An error and its sources, one line.
