@@ -157,10 +157,19 @@ impl HttpCache {
             return Found::Nothing;
         };
         let now = SystemTime::now();
+        // No cache directives of its own: a fresh entry may answer without
+        // the policy's per-request work.
+        let plain = !parts.headers.contains_key(header::CACHE_CONTROL)
+            && !parts.headers.contains_key(header::PRAGMA);
         let mut stale = None;
         for entry in variants.iter() {
             if &*entry.upstream != upstream {
                 continue;
+            }
+            if plain {
+                if let Some(head) = entry.quick_hit(parts, now) {
+                    return Found::Fresh(entry.clone(), head);
+                }
             }
             match entry.policy.before_request(parts, now) {
                 BeforeRequest::Fresh(head) => return Found::Fresh(entry.clone(), head),
