@@ -15,24 +15,26 @@ use http::Uri;
 /// poisoning). The cache removes them from requests it may store from.
 /// (`X-Forwarded-Host`/`-Proto` are rewritten by the proxy itself from what
 /// it saw, so a client cannot set them either.)
-pub const UNKEYED_OVERRIDES: [&str; 10] = [
-    "x-original-url",
-    "x-rewrite-url",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-forwarded-scheme",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-server",
-    "x-host",
+pub const UNKEYED_OVERRIDES: [HeaderName; 10] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-host"),
 ];
 
 /// Remove [`UNKEYED_OVERRIDES`] from `headers`.
 pub fn strip_unkeyed_overrides(headers: &mut HeaderMap) {
-    for name in UNKEYED_OVERRIDES {
-        if headers.contains_key(name) {
-            headers.remove(HeaderName::from_static(name));
+    // Most requests carry none: one pass over the names they do carry
+    // (comparisons, no name parsing or hashing).
+    if headers.keys().any(|k| UNKEYED_OVERRIDES.contains(k)) {
+        for name in &UNKEYED_OVERRIDES {
+            headers.remove(name);
         }
     }
 }
@@ -46,15 +48,23 @@ pub fn request_host(parts: &Parts) -> Option<String> {
     Some(host.to_ascii_lowercase())
 }
 
-/// `scheme://host/path?query`, or `None` without a host.
+/// `scheme://host/path?query`, or `None` without a host (one allocation).
 pub fn primary_key(scheme: &str, parts: &Parts) -> Option<String> {
-    let host = request_host(parts)?;
+    let host = match parts.uri.authority() {
+        Some(a) => a.as_str(),
+        None => parts.headers.get(header::HOST)?.to_str().ok()?,
+    };
     let pq = parts
         .uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    Some(format!("{scheme}://{host}{pq}"))
+    let mut key = String::with_capacity(scheme.len() + 3 + host.len() + pq.len());
+    key.push_str(scheme);
+    key.push_str("://");
+    key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+    key.push_str(pq);
+    Some(key)
 }
 
 /// Make the request's URI origin-form (`/path?query`), moving an absolute
