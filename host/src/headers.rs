@@ -2,6 +2,7 @@
 //! and the `X-Forwarded-*` family.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
@@ -70,16 +71,88 @@ fn via_protocol(version: Version) -> &'static str {
     }
 }
 
-/// Append `<proto> <pseudonym>` to `Via`.
-pub fn add_via(headers: &mut HeaderMap, version: Version, pseudonym: &str) {
-    let entry = format!("{} {pseudonym}", via_protocol(version));
-    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {entry}"),
-        _ => entry,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(header::VIA, v);
+/// This proxy's `Via` entries (`<proto> <pseudonym>`), rendered once per
+/// configuration for each protocol version.
+#[derive(Clone)]
+pub struct Via {
+    pseudonym: Arc<str>,
+    /// By [`via_index`]; `None` if the pseudonym is not a valid value.
+    entries: [Option<HeaderValue>; 5],
+}
+
+impl Via {
+    /// The entries for `pseudonym`.
+    pub fn new(pseudonym: &str) -> Via {
+        let entry =
+            |v: Version| HeaderValue::from_str(&format!("{} {pseudonym}", via_protocol(v))).ok();
+        Via {
+            pseudonym: Arc::from(pseudonym),
+            entries: [
+                entry(Version::HTTP_09),
+                entry(Version::HTTP_10),
+                entry(Version::HTTP_11),
+                entry(Version::HTTP_2),
+                entry(Version::HTTP_3),
+            ],
+        }
     }
+}
+
+/// Index of `version` in [`Via::entries`].
+fn via_index(version: Version) -> usize {
+    match version {
+        Version::HTTP_09 => 0,
+        Version::HTTP_10 => 1,
+        Version::HTTP_2 => 3,
+        Version::HTTP_3 => 4,
+        _ => 2,
+    }
+}
+
+/// Append `<proto> <pseudonym>` to `Via`.
+pub fn add_via(headers: &mut HeaderMap, version: Version, via: &Via) {
+    let Some(entry) = &via.entries[via_index(version)] else {
+        return;
+    };
+    match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => {
+            let value = format!("{prev}, {} {}", via_protocol(version), via.pseudonym);
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(header::VIA, v);
+            }
+        }
+        _ => {
+            headers.insert(header::VIA, entry.clone());
+        }
+    }
+}
+
+/// `client` as a header value; IPv4 without the formatting machinery.
+fn ip_value(client: IpAddr) -> Option<HeaderValue> {
+    let IpAddr::V4(v4) = client else {
+        return HeaderValue::from_str(&client.to_string()).ok();
+    };
+    let mut buf = [0u8; 15];
+    let mut n = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        let digits = [octet / 100, octet / 10 % 10, octet % 10];
+        let skip = if octet >= 100 {
+            0
+        } else if octet >= 10 {
+            1
+        } else {
+            2
+        };
+        for d in &digits[skip..] {
+            buf[n] = b'0' + d;
+            n += 1;
+        }
+    }
+    HeaderValue::from_bytes(&buf[..n]).ok()
 }
 
 /// `X-Forwarded-For` gets the client appended; `-Proto` and `-Host` are set
@@ -98,11 +171,11 @@ pub fn add_forwarded(
         .filter(|v| !v.trim().is_empty())
         .collect();
     let value = if prior.is_empty() {
-        client.to_string()
+        ip_value(client)
     } else {
-        format!("{}, {client}", prior.join(", "))
+        HeaderValue::from_str(&format!("{}, {client}", prior.join(", "))).ok()
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Some(v) = value {
         headers.insert(xff, v);
     }
     headers.insert(
@@ -138,11 +211,38 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::VIA, HeaderValue::from_static("1.0 fred"));
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        add_via(&mut h, Version::HTTP_11, "sg");
+        add_via(&mut h, Version::HTTP_11, &Via::new("sg"));
         add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http", None);
         assert_eq!(h["via"], "1.0 fred, 1.1 sg");
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn via_and_xff_are_set_when_absent() {
+        let via = Via::new("edge-1");
+        for (version, want) in [
+            (Version::HTTP_10, "1.0 edge-1"),
+            (Version::HTTP_11, "1.1 edge-1"),
+            (Version::HTTP_2, "2 edge-1"),
+        ] {
+            let mut h = HeaderMap::new();
+            add_via(&mut h, version, &via);
+            assert_eq!(h["via"], want);
+        }
+        for ip in [
+            "0.0.0.0",
+            "1.22.133.4",
+            "255.255.255.255",
+            "10.0.100.9",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let mut h = HeaderMap::new();
+            add_forwarded(&mut h, ip.parse().unwrap(), "https", None);
+            assert_eq!(h["x-forwarded-for"], ip);
+            assert_eq!(h["x-forwarded-proto"], "https");
+        }
     }
 
     #[test]

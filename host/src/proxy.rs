@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub dns: Arc<balance::dns::DnsTable>,
     /// Connection limits and rate-limit buckets (carried across reloads).
     pub protection: Protection,
+    /// `[proxy] via`, rendered.
+    pub via: headers::Via,
 }
 
 /// Metric handles of one route, registered once per snapshot so a request
@@ -111,6 +113,7 @@ impl Snapshot {
         let cache = HttpCache::new(&config.cache, previous.map(|p| &*p.cache));
         let protection = Protection::new(&config, previous.map(|p| &p.protection));
         Ok(Snapshot {
+            via: headers::Via::new(&config.proxy.via),
             routes,
             upstreams,
             cache: Arc::new(cache),
@@ -281,7 +284,7 @@ impl Proxy {
                 tunnel(hyper::upgrade::on(&mut resp), on_client);
                 let (parts, _) = resp.into_parts();
                 let mut out = Response::from_parts(parts, body::empty());
-                headers::add_via(out.headers_mut(), Version::HTTP_11, &snap.config.proxy.via);
+                headers::add_via(out.headers_mut(), Version::HTTP_11, &snap.via);
                 return (out, label);
             }
             (Err(_), _) if verdict.too_large() => protect::too_large(version),
@@ -301,7 +304,7 @@ impl Proxy {
                     conn.scheme,
                     &snap.protection.hidden_headers,
                 );
-                headers::add_via(&mut parts.headers, parts.version, &snap.config.proxy.via);
+                headers::add_via(&mut parts.headers, parts.version, &snap.via);
                 Response::from_parts(parts, b)
             }
             (Err(e), _) => error_response(&upstream.name, &e),
@@ -327,7 +330,7 @@ impl Proxy {
         body: ProxyBody,
         upgrade: Option<HeaderValue>,
     ) -> Result<Response<ProxyBody>, ForwardError> {
-        let via = &snap.config.proxy.via;
+        let via = &snap.via;
         let from = (head.client.ip(), head.scheme);
         send_upstream(&self.client, upstream, via, from, parts, body, upgrade).await
     }
@@ -347,7 +350,7 @@ impl Proxy {
             Arc::new(UpstreamOrigin {
                 client: self.client.clone(),
                 upstream: upstream.clone(),
-                via: snap.config.proxy.via.clone(),
+                via: snap.via.clone(),
                 from: (head.client.ip(), head.scheme),
             })
         };
@@ -430,7 +433,7 @@ impl Proxy {
 async fn send_upstream(
     client: &UpstreamClient,
     upstream: &Upstream,
-    via: &str,
+    via: &headers::Via,
     from: (IpAddr, &str),
     mut parts: http::request::Parts,
     body: ProxyBody,
@@ -471,7 +474,7 @@ async fn send_upstream(
 struct UpstreamOrigin {
     client: UpstreamClient,
     upstream: Arc<Upstream>,
-    via: String,
+    via: headers::Via,
     from: (IpAddr, &'static str),
 }
 
