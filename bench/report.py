@@ -481,30 +481,34 @@ spread over the interleaved rounds; absolute numbers swing ±25% between runs on
 machine, ratios much less.
 """
 
-PROFILE_READING = """**Reading** (profile and CPU accounting of 2026-11-30, quiet machine):
+PROFILE_READING = """**Reading** (profile and CPU accounting of 2026-11-30; `/proc/PID/stat` before and after 4 s of
+`wrk -t1 -c50`, Sluicegate and nginx alternated in the same minutes):
 
-- **CPU per request** (`/proc/PID/stat` before and after 4 s of `wrk -t1 -c50`, same machine, runs
-  alternated): Sluicegate 11.4–12.7 µs user + 10.2–11.0 µs kernel; nginx 4.0–4.9 µs user +
-  7.7–11.2 µs kernel. `strace -c` under the same load: both make 2 `writev` + 2 `recvfrom` per
-  request (nginx adds a `getsockopt`), Sluicegate calls `epoll_wait` less often (readiness is
-  batched). The kernel work is the same; **the whole gap to nginx is user time, about 3× nginx's**.
-  Being 1.2× nginx would need Sluicegate's user time per request below nginx's own, which hyper +
-  tokio + hyper-util's pooled client do not reach on one worker; the goal stays open.
-- User time is spread thin: hyper's HTTP/1 codec and dispatcher (server and client side), tokio
-  (task wakeups, timers, readiness), `memmove`, `bytes`/`http`/`httparse`, mimalloc. Sluicegate's
-  own code is a few percent of self time; the strict HTTP/1.1 reader (`Framer::scan`) is under 1%.
-- **Removed this session**: (1) the strict reader no longer copies request bytes: it reads into
-  hyper's buffer and checks them there (only a head that arrives in pieces is gathered in its own
-  buffer); (2) the per-request service future shrank from 8,128 to 5,560 bytes by boxing the cache
-  path's future (`journey` was carrying `through_cache`'s 5,296 bytes on every plain request, and
-  hyper copies the service future to the heap per request). Both are real work removed; neither
-  moves req/s beyond this machine's run-to-run noise (±10%).
-- **The largest remaining lead** is hyper-util's legacy pooled client (about 12% of user time):
-  a pool checkout keyed by scheme and authority with SipHash, an mpsc hop to the upstream
-  connection's task and a oneshot back, and a task spawned per request to return the connection to
-  the pool when the body ends. A per-endpoint pool of hyper `client::conn::http1` senders kept on
-  the balancer's endpoint (no hashing, no return task) would remove most of it; it touches retries,
-  stale-connection replay and TLS upstreams, so it is the next piece of work, not a tweak.
+- **CPU per request, plain proxy**: Sluicegate 10.1–10.7 µs user + 9.7–10.6 µs kernel; nginx
+  3.3–3.7 µs user + 8.3–9.3 µs kernel (the previous session's figures, before the changes below:
+  Sluicegate 11.4–12.7 µs user, nginx 4.0–4.9). `strace -c`: both make 2 `writev` + 2 `recvfrom`
+  per request, so the kernel work is the same and **the gap to nginx is user time, about 3×
+  nginx's**. 1.2× nginx would need Sluicegate's user time below nginx's own; hyper's two HTTP/1
+  dispatchers (client side and server side) plus tokio's wakeups and timers alone cost more than
+  that on one worker, so this goal stays open.
+- **Upstream connections are now driven inline** (`host/src/upstream/pool.rs`): hyper-util's pooled
+  client drove each upstream connection in a task of its own, so every request paid a pool
+  checkout under a SipHash-keyed lock, an mpsc hop to that task and a oneshot back, a task switch
+  each way, and a task spawned to return the connection when the body ended (about 12% of user
+  time). A per-worker pool of hyper `client::conn::http1` connections is now polled by the request
+  that holds one, then by its response body, and put back when the body ends, as nginx's upstream
+  keepalive does. TLS upstreams and upgrades still use hyper-util's client.
+- **Cache hits**: `CachePolicy::before_request` on every hit was about a sixth of a hit's CPU (it
+  parses both `Cache-Control`s, copies the head field by field, formats a `Date`); the cache-key
+  code parsed ten header names per request. A fresh entry now keeps the policy's own hit head,
+  worked out when it is stored, for requests without cache directives of their own (`docs/cache.md`,
+  "Quick hits"), and the key code compares prebuilt names. CPU per hit went from 9.0 to 4.6–5.1 µs
+  user, measured in the same hour; cache hits went from 0.85× to 1.00× nginx `proxy_cache`.
+- Also removed: `Via` formatted per message (now rendered once per configuration), `X-Forwarded-For`
+  formatted through `fmt` (IPv4 is written directly).
+- What is left is spread thin: tokio (~10% of all samples: wakers, readiness, timers), hyper (~7%),
+  `http` header maps (~5%), `memmove` (~5%: futures and buffers moved), mimalloc (~4%). Sluicegate's
+  own code is a few percent; the strict HTTP/1.1 reader (`Framer::scan`) under 1%.
 """
 
 MEMORY_READING = """**Reading**: idle, Sluicegate is close to nginx (its extra megabytes are the tokio runtime,

@@ -66,8 +66,19 @@ fuzz_target!(|input: Input| {
         if input.https { "https" } else { "http" },
         host.as_ref(),
     );
-    headers::add_via(&mut stripped, http::Version::HTTP_11, "sluicegate");
+    headers::add_via(
+        &mut stripped,
+        http::Version::HTTP_11,
+        &headers::Via::new("sluicegate"),
+    );
     assert!(stripped.contains_key("x-forwarded-for") && stripped.contains_key("via"));
+    // The client comes last, written out in full.
+    let client = std::net::Ipv4Addr::from(input.client).to_string();
+    let xff = stripped["x-forwarded-for"].to_str().unwrap_or_default();
+    assert!(
+        xff == client || xff.ends_with(&format!(", {client}")),
+        "{xff}"
+    );
 
     let endpoint = "10.1.2.3:8080";
     let is_ep = |a: &str| origin::same_authority(a, endpoint);
