@@ -506,6 +506,11 @@ PROFILE_READING = """**Reading** (profile and CPU accounting of 2026-11-30; `/pr
   user, measured in the same hour; cache hits went from 0.85× to 1.00× nginx `proxy_cache`.
 - Also removed: `Via` formatted per message (now rendered once per configuration), `X-Forwarded-For`
   formatted through `fmt` (IPv4 is written directly).
+- **Noise**: the machine's two cores are shared, and on 2026-11-30 they were noisy (nginx alone
+  varied 51–80k req/s between runs). Two runs of the main scenario an hour apart gave Sluicegate /
+  nginx 0.57 and 0.56 (medians of per-round ratios) with single rounds from 0.38 to 0.73, while
+  3-endpoint balancing gave 0.69 (0.60–0.72; 0.61 in the previous full run) and cache hits 1.00.
+  Take the plain-proxy ratio as "about 0.6", not to two digits.
 - What is left is spread thin: tokio (~10% of all samples: wakers, readiness, timers), hyper (~7%),
   `http` header maps (~5%), `memmove` (~5%: futures and buffers moved), mimalloc (~4%). Sluicegate's
   own code is a few percent; the strict HTTP/1.1 reader (`Framer::scan`) under 1%.
