@@ -131,7 +131,7 @@ pub struct Timeouts {
     pub header_read_ms: u64,
     /// The upstream's response head must arrive within this, else 504.
     pub upstream_response_ms: u64,
-    /// Keep-alive connections idle this long are closed.
+    /// Keep-alive connections idle this long (up to a quarter more) are closed.
     pub idle_ms: u64,
     /// An HTTP/1.1 keep-alive connection idle about this long (up to twice
     /// it) gives back its buffers (parked, like nginx's idle keep-alive

@@ -162,7 +162,10 @@ impl UpstreamClient {
         // The inline pool for plain HTTP; an upgrade needs hyper-util's
         // client, which hands the connection over to the tunnel.
         let inline = upstream.tls.is_none() && !req.headers().contains_key(header::UPGRADE);
-        let attempts = 1 + upstream.retries.min(MAX_RETRIES);
+        // Each attempt goes to an endpoint not tried yet: with one endpoint
+        // there is no retry, and no copy of the head to keep for one.
+        let others = upstream.endpoints.len().saturating_sub(1);
+        let attempts = 1 + upstream.retries.min(MAX_RETRIES).min(others);
         let mut tried = [0usize; MAX_RETRIES + 1];
         let (parts, body) = req.into_parts();
         let mut body = Some(body);
