@@ -193,19 +193,10 @@ impl UpstreamClient {
             let sent = async {
                 if inline {
                     *req.uri_mut() = origin_form(req.uri());
-                    return match self.pool.send(&endpoint.addr, req).await {
-                        Ok((resp, conn)) => {
-                            let lease = pool::Lease::new(
-                                conn,
-                                self.pool.clone(),
-                                endpoint.addr.clone(),
-                                started,
-                            );
-                            Ok((resp, Some(lease)))
-                        }
-                        Err(pool::SendError::Connect(reason)) => Err(Failed::Connect(reason)),
-                        Err(pool::SendError::Http(e)) => Err(Failed::Broken(error_chain(&e))),
-                    };
+                    let (resp, conn) = self.pool.send(&endpoint.addr, req).await?;
+                    let lease =
+                        pool::Lease::new(conn, self.pool.clone(), endpoint.addr.clone(), started);
+                    return Ok((resp, Some(lease)));
                 }
                 let scheme = if upstream.tls.is_some() {
                     "https"
@@ -289,6 +280,7 @@ impl UpstreamClient {
 }
 
 /// Why one attempt got no response head.
+#[derive(Debug)]
 enum Failed {
     /// No connection (always safe to retry elsewhere).
     Connect(String),

@@ -42,21 +42,13 @@ use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
+use super::{error_chain, Failed};
 use crate::body::ProxyBody;
 
 /// How long a pooled connection may sit idle (as hyper-util's pool).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How often idle connections are checked for closure and age.
 pub const SWEEP: Duration = Duration::from_secs(2);
-
-/// Why [`Pool::send`] got no response head.
-#[derive(Debug)]
-pub enum SendError {
-    /// No connection to the endpoint (refused, unreachable, timed out).
-    Connect(String),
-    /// The connection broke, or the response was malformed.
-    Http(hyper::Error),
-}
 
 /// One upstream connection: the request sender and hyper's connection
 /// future, which does the I/O whenever it is polled.
@@ -135,7 +127,7 @@ impl Pool {
         &self,
         addr: &Arc<str>,
         mut req: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Conn), SendError> {
+    ) -> Result<(Response<Incoming>, Conn), Failed> {
         loop {
             let (mut conn, reused) = match self.checkout(addr) {
                 Some(conn) => (conn, true),
@@ -158,7 +150,7 @@ impl Pool {
                         tracing::debug!(endpoint = %addr, error = %e.error(), "pooled connection was closed; replaying on a new one");
                         req = unsent;
                     }
-                    _ => return Err(SendError::Http(e.into_error())),
+                    _ => return Err(Failed::Broken(error_chain(&e.into_error()))),
                 },
             }
         }
@@ -177,7 +169,7 @@ impl Pool {
     }
 
     /// Open a connection to `addr`.
-    async fn connect(&self, addr: &str) -> Result<Conn, SendError> {
+    async fn connect(&self, addr: &str) -> Result<Conn, Failed> {
         let stream = match tokio::time::timeout(
             self.inner.connect_timeout,
             TcpStream::connect(addr),
@@ -185,9 +177,9 @@ impl Pool {
         .await
         {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
+            Ok(Err(e)) => return Err(Failed::Connect(e.to_string())),
             Err(_) => {
-                return Err(SendError::Connect(format!(
+                return Err(Failed::Connect(format!(
                     "timed out after {} ms",
                     self.inner.connect_timeout.as_millis()
                 )))
@@ -199,7 +191,7 @@ impl Pool {
         let (sender, driver) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| SendError::Connect(e.to_string()))?;
+            .map_err(|e| Failed::Connect(e.to_string()))?;
         metrics::counter!("sluicegate_upstream_connections_opened_total").increment(1);
         Ok(Conn {
             sender,
@@ -436,7 +428,7 @@ mod tests {
         let pool = Pool::new(8, Duration::from_secs(1));
         assert!(matches!(
             pool.send(&addr, get()).await,
-            Err(SendError::Connect(_))
+            Err(Failed::Connect(_))
         ));
     }
 }
