@@ -12,6 +12,7 @@
 #   cache     cache hits vs nginx proxy_cache (bench/cache_bench.py via run.sh --cache), if present
 #   languages per-language filter cost (bench/languages.py), if present
 #   profile   perf profile of the plain proxy (bench/perf_profile.py)
+#   callgrind instructions per request of the plain proxy (bench/callgrind.py)
 # then bench/report.py writes docs/benchmarks.md from whatever succeeded.
 #
 # Each scenario has a time limit and a failure does not stop the others; bench/out/all-status.tsv
@@ -137,6 +138,18 @@ if command -v perf >/dev/null; then
     step profile 600 python3 "$BENCH/perf_profile.py" --seconds 10
 else
     skip profile "perf not installable (Debian linux-perf)"
+fi
+
+# 7b. Instructions per request of the plain proxy (callgrind: deterministic, unlike time).
+if ! command -v valgrind >/dev/null; then
+    log "installing valgrind"
+    { apt-get install -y -q --no-install-recommends valgrind >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends valgrind >/dev/null; }; } || true
+fi
+if command -v valgrind >/dev/null; then
+    step callgrind 900 python3 "$BENCH/callgrind.py"
+else
+    skip callgrind "valgrind not installable (Debian valgrind)"
 fi
 
 # 8. The report.

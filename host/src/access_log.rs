@@ -93,10 +93,13 @@ pub fn enabled() -> bool {
 }
 
 /// Start an entry for `req`, or `None` when there is no access log.
-pub fn begin<B>(req: &Request<B>, conn: &ConnInfo) -> Option<Entry> {
+///
+/// Boxed: the entry lives across the whole request, and inline it would add
+/// its size to every request's future, logged or not.
+pub fn begin<B>(req: &Request<B>, conn: &ConnInfo) -> Option<Box<Entry>> {
     LOG.get()?;
     let h = req.headers();
-    Some(Entry {
+    Some(Box::new(Entry {
         started: Instant::now(),
         time: SystemTime::now(),
         client: conn.client,
@@ -106,12 +109,12 @@ pub fn begin<B>(req: &Request<B>, conn: &ConnInfo) -> Option<Entry> {
         host: h.get(http::header::HOST).cloned(),
         referer: h.get(http::header::REFERER).cloned(),
         agent: h.get(http::header::USER_AGENT).cloned(),
-    })
+    }))
 }
 
 impl Entry {
     /// Format the line for `resp` and queue it.
-    pub fn finish<B>(self, resp: &Response<B>, route: &str) {
+    pub fn finish<B>(self: Box<Self>, resp: &Response<B>, route: &str) {
         let Some(log) = LOG.get() else { return };
         let upstream = resp.extensions().get::<UpstreamName>().map(|u| &*u.0);
         let bytes = resp

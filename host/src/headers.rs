@@ -8,7 +8,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::TE,
@@ -18,6 +18,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Is this request asking to switch protocols (e.g. WebSocket)? Returns the
 /// `Upgrade` value to pass on.
@@ -37,27 +41,69 @@ pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
 
 /// Remove hop-by-hop headers: the fixed list, `Proxy-Authorization`, and
 /// every header named in `Connection`.
+///
+/// Runs on every request and response (twice when filters ran), so the
+/// common case is one pass over the names present with no hashing: most
+/// messages carry no hop-by-hop header, or only `Connection: keep-alive`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
+    // Which of HOP_BY_HOP (and, last, Proxy-Authorization) are present.
+    let mut present = [false; HOP_BY_HOP.len() + 1];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = hop_index(name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    // Headers named in `Connection` (index 0). `close` and `keep-alive`
+    // are the usual tokens: one names no header, the other is in the list.
+    if present[0] {
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(text) = value.to_str() else { continue };
+            for token in text.split(',').map(str::trim) {
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(name);
+                }
+            }
+        }
         for name in named {
             headers.remove(name);
         }
     }
-    for name in HOP_BY_HOP.iter() {
-        if headers.contains_key(name) {
-            headers.remove(name);
-        }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(name);
     }
-    if headers.contains_key(header::PROXY_AUTHORIZATION) {
+    if present[HOP_BY_HOP.len()] {
         headers.remove(header::PROXY_AUTHORIZATION);
     }
+}
+
+/// Where `name` is in HOP_BY_HOP (`Proxy-Authorization`: just past it).
+/// A match on the text (a length test, then one comparison), not a scan
+/// of the list: it runs for every header of every message.
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "te" => 2,
+        "trailer" => 3,
+        "transfer-encoding" => 4,
+        "upgrade" => 5,
+        "proxy-connection" => 6,
+        "proxy-authenticate" => 7,
+        "proxy-authorization" => 8,
+        _ => return None,
+    })
 }
 
 /// The protocol part of a `Via` entry for this version.
@@ -163,33 +209,70 @@ pub fn add_forwarded(
     scheme: &str,
     host: Option<&HeaderValue>,
 ) {
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let prior: Vec<&str> = headers
-        .get_all(&xff)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter(|v| !v.trim().is_empty())
-        .collect();
-    let value = if prior.is_empty() {
-        ip_value(client)
+    // The usual request has no `X-Forwarded-For` yet: then the value is the
+    // client alone, written without `fmt` and without a list to join.
+    let value = if headers.contains_key(&X_FORWARDED_FOR) {
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter(|v| !v.trim().is_empty())
+            .collect();
+        if prior.is_empty() {
+            ip_value(client)
+        } else {
+            HeaderValue::from_str(&format!("{}, {client}", prior.join(", "))).ok()
+        }
     } else {
-        HeaderValue::from_str(&format!("{}, {client}", prior.join(", "))).ok()
+        ip_value(client)
     };
     if let Some(v) = value {
-        headers.insert(xff, v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
     );
     if let Some(host) = host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        headers.insert(X_FORWARDED_HOST, host.clone());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_index_follows_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_index(name), Some(i), "{name}");
+        }
+        assert_eq!(
+            hop_index(&header::PROXY_AUTHORIZATION),
+            Some(HOP_BY_HOP.len())
+        );
+        assert_eq!(hop_index(&header::HOST), None);
+        assert_eq!(hop_index(&HeaderName::from_static("x-te")), None);
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_is_removed_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        for name in HOP_BY_HOP.iter().chain([&header::PROXY_AUTHORIZATION]) {
+            h.append(name.clone(), HeaderValue::from_static("keep-alive"));
+        }
+        h.append(header::CONNECTION, HeaderValue::from_static("x-a, close"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        h.insert("x-b", HeaderValue::from_static("2"));
+        remove_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["host", "x-b"]);
+        // Nothing to remove: untouched.
+        let before = h.clone();
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
 
     #[test]
     fn connection_named_headers_are_removed() {

@@ -13,12 +13,14 @@
 //! 7. stream the body back (or pass a WebSocket through after `101`).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
@@ -228,7 +230,7 @@ impl Proxy {
             ran = n;
             match decision {
                 RequestDecision::Respond(resp) => {
-                    return (self.finish(chain, ran, head, resp).await, label)
+                    return (self.finish_opt(Some(chain), ran, head, resp).await, label)
                 }
                 RequestDecision::Forward {
                     upstream: Some(name),
@@ -238,7 +240,9 @@ impl Proxy {
             if chain.wants_request_body() {
                 match self.filter_request_body(chain, &mut head, req_body).await {
                     Ok(b) => req_body = b,
-                    Err(resp) => return (self.finish(chain, ran, head, resp).await, label),
+                    Err(resp) => {
+                        return (self.finish_opt(Some(chain), ran, head, resp).await, label)
+                    }
                 }
             }
         }
@@ -274,8 +278,10 @@ impl Proxy {
                 self.through_cache(snap, rule, upstream, parts, &head, req_body),
             )
             .await),
+            // Boxed too: every layer above would otherwise carry (and copy
+            // as it is built) the client's future.
             _ => {
-                self.forward(snap, upstream, parts, &head, req_body, upgrade.clone())
+                Box::pin(self.forward(snap, upstream, parts, &head, req_body, upgrade.clone()))
                     .await
             }
         };
@@ -320,19 +326,28 @@ impl Proxy {
         )
     }
 
-    /// Add the forwarding headers and send the request upstream.
-    async fn forward(
-        &self,
-        snap: &Snapshot,
-        upstream: &Upstream,
+    /// Add the forwarding headers and send the request upstream. Not an
+    /// `async fn`: the headers are written now and the client's own future
+    /// is returned, so no wrapper future (and no copy of it) is added.
+    fn forward<'a>(
+        &'a self,
+        snap: &'a Snapshot,
+        upstream: &'a Upstream,
         parts: http::request::Parts,
         head: &RequestHead,
         body: ProxyBody,
         upgrade: Option<HeaderValue>,
-    ) -> Result<Response<ProxyBody>, ForwardError> {
-        let via = &snap.via;
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ForwardError>> + Send + 'a {
         let from = (head.client.ip(), head.scheme);
-        send_upstream(&self.client, upstream, via, from, parts, body, upgrade).await
+        send_upstream(
+            &self.client,
+            upstream,
+            &snap.via,
+            from,
+            parts,
+            body,
+            upgrade,
+        )
     }
 
     /// A caching route: the cache answers, asking the upstream only when
@@ -379,16 +394,19 @@ impl Proxy {
         Ok(body::full(bytes))
     }
 
-    async fn finish_opt(
-        &self,
-        chain: Option<&Chain>,
+    /// The response phases when filters ran, else the response as it is.
+    /// Boxed when there is work: the plain path then carries (and copies,
+    /// level by level) no filter future.
+    fn finish_opt<'a>(
+        &'a self,
+        chain: Option<&'a Chain>,
         ran: usize,
         head: RequestHead,
         resp: Response<ProxyBody>,
-    ) -> Response<ProxyBody> {
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
         match chain {
-            Some(c) => self.finish(c, ran, head, resp).await,
-            None => resp,
+            Some(c) if ran > 0 => Either::Left(Box::pin(self.finish(c, ran, head, resp))),
+            _ => Either::Right(std::future::ready(resp)),
         }
     }
 
@@ -429,16 +447,17 @@ impl Proxy {
 }
 
 /// Add the forwarding headers (`from`: the client's address and scheme)
-/// and send the request to an endpoint of `upstream`.
-async fn send_upstream(
-    client: &UpstreamClient,
-    upstream: &Upstream,
+/// and send the request to an endpoint of `upstream`. The headers are
+/// written before the first poll; the future is the client's own.
+fn send_upstream<'a>(
+    client: &'a UpstreamClient,
+    upstream: &'a Upstream,
     via: &headers::Via,
     from: (IpAddr, &str),
     mut parts: http::request::Parts,
     body: ProxyBody,
     upgrade: Option<HeaderValue>,
-) -> Result<Response<ProxyBody>, ForwardError> {
+) -> impl Future<Output = Result<Response<ProxyBody>, ForwardError>> + Send + 'a {
     let key = upstream
         .hash_key
         .as_ref()
@@ -464,9 +483,7 @@ async fn send_upstream(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     parts.version = Version::HTTP_11;
-    client
-        .forward(upstream, Request::from_parts(parts, body), key)
-        .await
+    client.forward(upstream, Request::from_parts(parts, body), key)
 }
 
 /// The route's upstream as the cache's origin: owned, so a background
@@ -561,4 +578,39 @@ fn tunnel(upstream: hyper::upgrade::OnUpgrade, client: hyper::upgrade::OnUpgrade
             tracing::debug!(error = %e, "tunnel closed");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an async fn returns, from the fn alone.
+    fn size3<F: FnOnce(A, B, C) -> R, A, B, C, R>(_: F) -> usize {
+        std::mem::size_of::<R>()
+    }
+    fn size4<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: F) -> usize {
+        std::mem::size_of::<R>()
+    }
+    fn size5<F: FnOnce(A, B, C, D, E) -> R, A, B, C, D, E, R>(_: F) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every request's future is built on the stack and copied as it is
+    /// awaited at each level (and once more to the heap by the server), so
+    /// its size is paid per request. Rare paths (connecting, the cache,
+    /// admission) are boxed to keep it small; this catches a regression.
+    #[test]
+    fn the_request_future_stays_small() {
+        let handle = size3(Proxy::handle);
+        let journey = size4(Proxy::journey);
+        let forward = size4(UpstreamClient::forward);
+        eprintln!("future sizes: handle {handle}, journey {journey}, forward {forward}");
+        eprintln!(
+            "finish {} finish_opt {}",
+            size5(Proxy::finish),
+            size5(Proxy::finish_opt)
+        );
+        // 6,200 bytes before the rare paths were boxed.
+        assert!(handle <= 3072, "the request future grew to {handle} bytes");
+    }
 }

@@ -15,7 +15,7 @@ use http::Uri;
 /// poisoning). The cache removes them from requests it may store from.
 /// (`X-Forwarded-Host`/`-Proto` are rewritten by the proxy itself from what
 /// it saw, so a client cannot set them either.)
-pub const UNKEYED_OVERRIDES: [HeaderName; 10] = [
+pub static UNKEYED_OVERRIDES: [HeaderName; 10] = [
     HeaderName::from_static("x-original-url"),
     HeaderName::from_static("x-rewrite-url"),
     HeaderName::from_static("x-http-method-override"),

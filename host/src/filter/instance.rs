@@ -159,8 +159,11 @@ impl FilterVersion {
         ))
     }
 
+    /// Ticks until the deadline: the call is cut between `timeout_ms` and
+    /// one tick past it (the first tick may come at once).
     fn deadline_ticks(&self) -> u64 {
-        self.policy.timeout_ms.max(1) + 1
+        let tick = super::engine::EPOCH_TICK.as_millis() as u64;
+        self.policy.timeout_ms.max(1).div_ceil(tick) + 1
     }
 
     fn acquire(&self) -> Result<Warm, FilterFailure> {

@@ -63,7 +63,19 @@ pub fn load(
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             let table: toml::Table =
                 toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
-            serde_json::to_string(&table)?
+            // The file may be a proxy config (its `[filters.config.<name>]`
+            // table is used, as the help says) or the filter's table alone.
+            let own = table
+                .get("filters")
+                .and_then(|f| f.get("config"))
+                .and_then(|c| c.get(&name));
+            match own {
+                Some(t) => serde_json::to_string(t)?,
+                None if table.contains_key("filters") => {
+                    anyhow::bail!("{}: has no [filters.config.{name}] table", p.display())
+                }
+                None => serde_json::to_string(&table)?,
+            }
         }
         None => "{}".to_string(),
     };

@@ -6,7 +6,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that may carry an absolute URL of the origin.
-const URL_HEADERS: [HeaderName; 3] = [
+static URL_HEADERS: [HeaderName; 3] = [
     header::LOCATION,
     header::CONTENT_LOCATION,
     HeaderName::from_static("refresh"),
@@ -22,10 +22,20 @@ pub fn hide_origin(
     scheme: &str,
     hide: &[HeaderName],
 ) {
-    for name in hide {
-        if headers.contains_key(name) {
+    // One pass over the names present decides what to look up: a response
+    // usually has a `Server` to drop and no URL header.
+    let (mut drop_some, mut urls) = (false, false);
+    for name in headers.keys() {
+        drop_some |= hide.contains(name);
+        urls |= URL_HEADERS.contains(name);
+    }
+    if drop_some {
+        for name in hide {
             headers.remove(name);
         }
+    }
+    if !urls {
+        return;
     }
     for name in URL_HEADERS.iter() {
         let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()) else {

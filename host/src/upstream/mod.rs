@@ -144,7 +144,9 @@ impl UpstreamClient {
                 | Method::TRACE
         );
         let mut slot = match &upstream.admission {
-            Some(a) => match a.admit().await {
+            // Boxed (only upstreams with limits wait here): the wait
+            // would otherwise add its size to every request's future.
+            Some(a) => match Box::pin(a.admit()).await {
                 Ok(slot) => Some(slot),
                 Err(o) => {
                     metrics::counter!("sluicegate_upstream_overflow_total",
@@ -214,6 +216,9 @@ impl UpstreamClient {
                     Err(e) => Err(Failed::Broken(error_chain(&e))),
                 }
             };
+            // Pinned in place: `timeout` then holds a reference, and the
+            // attempt's future is not copied into it.
+            let sent = std::pin::pin!(sent);
             let result = tokio::time::timeout(self.response_timeout, sent).await;
             let rtt = started.elapsed();
             upstream.latency.record(rtt.as_secs_f64());

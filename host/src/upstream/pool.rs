@@ -27,7 +27,6 @@
 //! TLS upstreams and upgrade (WebSocket) requests still go through
 //! hyper-util's client (see `UpstreamClient::forward`).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +39,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 use tokio::net::TcpStream;
 
 use super::{error_chain, Failed};
@@ -50,13 +50,18 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How often idle connections are checked for closure and age.
 pub const SWEEP: Duration = Duration::from_secs(2);
 
+/// hyper's future for one upstream connection.
+type Driver = http1::Connection<TokioIo<TcpStream>, ProxyBody>;
+
 /// One upstream connection: the request sender and hyper's connection
 /// future, which does the I/O whenever it is polled.
 pub struct Conn {
     sender: http1::SendRequest<ProxyBody>,
     /// `None` once the connection future has finished (the connection is
-    /// closed).
-    driver: Option<http1::Connection<TokioIo<TcpStream>, ProxyBody>>,
+    /// closed). Boxed: hyper's connection state is most of a kilobyte, and
+    /// a `Conn` moves several times per request (checkout, the request
+    /// future, the lease, check-in).
+    driver: Option<Pin<Box<Driver>>>,
 }
 
 impl Conn {
@@ -66,7 +71,7 @@ impl Conn {
         let Some(driver) = self.driver.as_mut() else {
             return false;
         };
-        match Pin::new(driver).poll(cx) {
+        match driver.as_mut().poll(cx) {
             Poll::Pending => true,
             Poll::Ready(result) => {
                 if let Err(e) = result {
@@ -94,7 +99,9 @@ pub struct Pool {
 }
 
 struct Inner {
-    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+    /// Keyed by endpoint address with FxHash: the keys are the operator's
+    /// own endpoint list, not client input, so no SipHash is needed.
+    idle: Mutex<FxHashMap<Arc<str>, Vec<Idle>>>,
     max_idle: usize,
     connect_timeout: Duration,
     sweeping: AtomicBool,
@@ -131,7 +138,10 @@ impl Pool {
         loop {
             let (mut conn, reused) = match self.checkout(addr) {
                 Some(conn) => (conn, true),
-                None => (self.connect(addr).await?, false),
+                // Boxed: the connect and handshake futures are rarely
+                // needed but large, and every request's future (copied as
+                // it is built and awaited) would otherwise carry their size.
+                None => (Box::pin(self.connect(addr)).await?, false),
             };
             let mut sent = pin!(conn.sender.try_send_request(req));
             let result = std::future::poll_fn(|cx| {
@@ -195,7 +205,7 @@ impl Pool {
         metrics::counter!("sluicegate_upstream_connections_opened_total").increment(1);
         Ok(Conn {
             sender,
-            driver: Some(driver),
+            driver: Some(Box::pin(driver)),
         })
     }
 

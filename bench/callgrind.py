@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Count the instructions Sluicegate's worker spends per proxied request, with callgrind.
+
+    python3 bench/callgrind.py [--requests 10000] [--sluicegate PATH]
+
+Timings on two shared cores move by 10% between runs; instruction counts do not. This starts
+bench.py's nginx backend and Sluicegate (one worker, one route, no filters) under
+`valgrind --tool=callgrind`, warms it up with `h2load --h1` (50 keep-alive connections), zeroes
+the counters, proxies exactly --requests requests, and dumps. The figure is user-space
+instructions (Ir) of the whole process divided by the requests: kernel work (the syscalls) is
+not in it, and neither is the backend's. Needs `valgrind` (Debian) and `h2load`
+(nghttp2-client). Filters are not measured this way: wasmtime's pooling allocator reserves
+terabytes of address space, which valgrind refuses (`sluicegate filter bench` times a filter
+in-process instead).
+
+Writes bench/out/callgrind/: callgrind.out (open it with callgrind_annotate or kcachegrind),
+results.json and results.md (Ir per request, the top functions by self and by inclusive cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench as B  # noqa: E402
+import scenario as S  # noqa: E402
+
+REGISTRY = re.compile(r"/root/\.cargo/registry/src/[^/]+/|/rustc/[0-9a-f]+/library/|\s*\[[^\]]*\]$")
+
+
+def annotate(data: Path, inclusive: bool) -> list[tuple[int, str]]:
+    p = subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}", "--threshold=100",
+                        str(data)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=600)
+    rows = []
+    for line in p.stdout.decode(errors="replace").splitlines():
+        m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*\S)", line)
+        if m and "PROGRAM TOTALS" not in line:
+            rows.append((int(m.group(1).replace(",", "")), REGISTRY.sub("", m.group(2)).strip()))
+    return rows
+
+
+def total(data: Path) -> int:
+    p = subprocess.run(["callgrind_annotate", str(data)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                       timeout=600)
+    m = re.search(r"([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", p.stdout.decode(errors="replace"))
+    if not m:
+        raise B.BenchError(f"no totals in {data}")
+    return int(m.group(1).replace(",", ""))
+
+
+def h2load(url: str, n: int) -> dict:
+    p = subprocess.run(["h2load", "--h1", "-n", str(n), "-c", "50", url], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=900)
+    text = p.stdout.decode(errors="replace")
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", text)
+    if not m or int(m.group(2)) != n:
+        raise B.BenchError(f"h2load: not every request succeeded:\n{text[-600:]}")
+    return {"done": int(m.group(1)), "succeeded": int(m.group(2))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=10000)
+    ap.add_argument("--warmup", type=int, default=3000)
+    ap.add_argument("--sluicegate", default=str(S.ROOT / "target/release/sluicegate"))
+    ap.add_argument("--out", default=str(S.BENCH / "out" / "callgrind"))
+    args = ap.parse_args()
+    for tool, pkg in (("valgrind", "valgrind"), ("callgrind_control", "valgrind"), ("h2load", "nghttp2-client")):
+        if not shutil.which(tool):
+            raise B.BenchError(f"{tool} not found: apt-get install {pkg}")
+    out = Path(args.out)
+    work = S.fresh_dir(out / "work")
+    procs = B.Processes(work / "pids")
+    S.on_signals()
+    exe = Path(args.sluicegate).resolve()
+    data = out / "callgrind.out"
+    data.unlink(missing_ok=True)
+    # The proxy runs under valgrind through a wrapper, so the usual start-up (and its readiness
+    # check) is unchanged; only the first dump (after the counters were zeroed) is kept.
+    wrapper = work / "sluicegate-under-callgrind"
+    wrapper.write_text("#!/bin/sh\nexec valgrind --tool=callgrind --dump-instr=no "
+                       f"--callgrind-out-file={work}/callgrind.%p {exe} \"$@\"\n")
+    wrapper.chmod(0o755)
+
+    backend, port, admin = B.free_ports(3)
+    S.start_backend(procs, work, backend)
+    t = S.start_sluicegate(procs, work, "sluicegate", "sluicegate", port, wrapper,
+                           S.sluicegate_toml(port, admin, backend, None), timeout=180)
+    B.verify(t)
+    pid = t.procs[0].pid
+    h2load(t.url, args.warmup)
+    subprocess.run(["callgrind_control", "-z", str(pid)], stdout=subprocess.DEVNULL, check=True, timeout=60)
+    started = time.monotonic()
+    load = h2load(t.url, args.requests)
+    seconds = time.monotonic() - started
+    subprocess.run(["callgrind_control", "-d", str(pid)], stdout=subprocess.DEVNULL, check=True, timeout=120)
+    dumps = []
+    for _ in range(60):
+        dumps = sorted(work.glob("callgrind.*.1"))
+        if dumps and dumps[0].stat().st_size > 0:
+            break
+        time.sleep(1)
+    if not dumps:
+        raise B.BenchError("callgrind wrote no dump")
+    time.sleep(1)
+    shutil.copy(dumps[0], data)
+    procs.stop_all()
+
+    ir = total(data)
+    per_request = ir / args.requests
+    # callgrind_annotate also lists the thread's entry frames (clone, block_on, the worker loop)
+    # with the whole cost: they are not self time, so rows over half the total are dropped.
+    by_self = [r for r in annotate(data, inclusive=False) if r[0] < ir / 2]
+    by_incl = [r for r in annotate(data, inclusive=True)
+               if "sluicegate::" in r[1] and r[0] < ir * 0.6 and not r[1].startswith(("std/", "core/", "alloc/"))]
+    doc = {"scenario": "callgrind",
+           "meta": S.meta(exe, B.cpu_busy(0.5), requests=args.requests),
+           "requests": args.requests, "ir_total": ir, "ir_per_request": round(per_request),
+           "h2load": load, "seconds_under_valgrind": round(seconds, 1),
+           "top_self": [(round(n / args.requests), name) for n, name in by_self[:40]],
+           "top_inclusive": [(round(n / args.requests), name) for n, name in by_incl[:40]]}
+    md = ["# Instructions per request (callgrind, plain proxy)\n",
+          f"{per_request:,.0f} instructions per request (user space, whole process, "
+          f"{args.requests:,} requests over 50 keep-alive connections)\n",
+          "| Ir/request | function (self) |", "|--:|---|",
+          *(f"| {n:,} | `{name}` |" for n, name in doc["top_self"][:25]), ""]
+    S.write_results(out, doc, "\n".join(md))
+    B.log(f"{per_request:,.0f} instructions per request")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except B.BenchError as e:
+        B.log("FAILED: " + str(e))
+        sys.exit(1)
