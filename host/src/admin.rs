@@ -72,7 +72,9 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
             metrics::gauge!("sluicegate_open_connections")
                 .set(state.open_connections.load(Ordering::Relaxed) as f64);
             crate::admin_ops::endpoint_gauges(&state.proxy.snapshot.load());
-            let mut resp = Response::new(body::full(state.metrics.render()));
+            let mut text = state.metrics.render();
+            crate::hist::render(&mut text);
+            let mut resp = Response::new(body::full(text));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4"),

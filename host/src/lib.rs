@@ -18,6 +18,7 @@ pub mod config;
 pub mod demo;
 pub mod filter;
 pub mod headers;
+pub mod hist;
 pub mod protect;
 pub mod proxy;
 pub mod reload;

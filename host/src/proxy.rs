@@ -63,7 +63,7 @@ pub struct Snapshot {
 /// only touches atomics.
 struct RouteMetrics {
     by_class: [metrics::Counter; 5],
-    latency: metrics::Histogram,
+    latency: Arc<crate::hist::Histogram>,
     label: Arc<str>,
 }
 
@@ -72,7 +72,7 @@ impl RouteMetrics {
         let c = |class: &'static str| metrics::counter!("sluicegate_requests_total", "route" => label.to_string(), "status" => class);
         RouteMetrics {
             by_class: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
-            latency: metrics::histogram!("sluicegate_request_seconds", "route" => label.to_string()),
+            latency: crate::hist::histogram("sluicegate_request_seconds", "route", label),
             label: Arc::from(label),
         }
     }
@@ -165,7 +165,7 @@ impl Proxy {
             .or(snap.route_metrics.last());
         if let Some(m) = m {
             m.by_class[class].increment(1);
-            m.latency.record(started.elapsed().as_secs_f64());
+            m.latency.record(started.elapsed());
             if let Some(entry) = log {
                 entry.finish(&resp, &m.label);
             }

@@ -302,7 +302,7 @@ pub struct Upstream {
     /// `[upstream.tls]`: endpoints speak TLS.
     pub tls: Option<Arc<crate::tls::UpstreamTls>>,
     /// Time to the upstream's response head, every attempt.
-    pub latency: metrics::Histogram,
+    pub latency: std::sync::Arc<crate::hist::Histogram>,
     selector: Box<dyn Selector>,
 }
 
@@ -368,7 +368,11 @@ impl Upstream {
         };
         Ok(Upstream {
             tls,
-            latency: metrics::histogram!("sluicegate_upstream_response_seconds", "upstream" => name.clone()),
+            latency: crate::hist::histogram(
+                "sluicegate_upstream_response_seconds",
+                "upstream",
+                name,
+            ),
             name: Arc::from(name.as_str()),
             selector: algorithms::selector(config.balance, &endpoints),
             endpoints,

@@ -33,7 +33,7 @@ pub struct FilterStats {
     epoch: Instant,
     /// The last failure, for the admin API.
     pub last_error: Mutex<Option<String>>,
-    latency: metrics::Histogram,
+    latency: std::sync::Arc<crate::hist::Histogram>,
     calls_metric: metrics::Counter,
 }
 
@@ -60,7 +60,7 @@ impl FilterStats {
             relapses: AtomicU32::new(0),
             epoch: Instant::now(),
             last_error: Mutex::new(None),
-            latency: metrics::histogram!("sluicegate_filter_call_seconds", "filter" => name.to_string()),
+            latency: crate::hist::histogram("sluicegate_filter_call_seconds", "filter", name),
             calls_metric: metrics::counter!("sluicegate_filter_calls_total", "filter" => name.to_string()),
         }
     }
@@ -69,7 +69,7 @@ impl FilterStats {
     pub fn record_call(&self, _phase: &str, took: Duration) {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.calls_metric.increment(1);
-        self.latency.record(took.as_secs_f64());
+        self.latency.record(took);
     }
 
     /// A call succeeded: the failure streak ends.

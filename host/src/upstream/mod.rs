@@ -221,7 +221,7 @@ impl UpstreamClient {
             let sent = std::pin::pin!(sent);
             let result = tokio::time::timeout(self.response_timeout, sent).await;
             let rtt = started.elapsed();
-            upstream.latency.record(rtt.as_secs_f64());
+            upstream.latency.record(rtt);
             let failure = match result {
                 Ok(Ok((resp, lease))) => {
                     let status = resp.status();
