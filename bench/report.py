@@ -504,7 +504,7 @@ machine, ratios much less.
 CALLGRIND_READING = """**Reading** (2026-11-30). Time on two shared cores moves by 10% between runs, which hides
 changes of a few percent; an instruction count does not move, so each change below was kept only if
 it lowered it. Before this round the plain proxy cost **51,908 instructions per request**
-(commit f3b5728); after it, 43,700–43,830 (**−16%**):
+(commit f3b5728); after it, 43,300–43,400 (**−16.5%**):
 
 - **Hop-by-hop removal** looked up each of nine names in the header map, twice per message
   (`contains_key`, then `remove`), through a `const` array that was rebuilt and dropped at every
@@ -523,45 +523,47 @@ it lowered it. Before this round the plain proxy cost **51,908 instructions per 
   check-in moved most of a kilobyte each); `X-Forwarded-*` names are constants and the usual
   request (no `X-Forwarded-For` yet) builds no list; origin hiding decides in one pass which
   headers to touch.
+- **Latency histograms** (`host/src/hist.rs`): the exporter's histograms stored every sample with
+  a clock read under an epoch guard until a 5 s upkeep folded them (about 300 instructions each,
+  two per plain request, two more per filter); they are now atomic bucket counters, with the
+  same text in `/metrics`.
 
 What remains is mostly hyper's two dispatchers (parsing and writing both sides), the header map's
 hashing, and tokio's readiness and timer bookkeeping: no single item of Sluicegate's own code is
 above 3% any more.
 """
 
-PROFILE_READING = """**Reading** (profile and CPU accounting of 2026-11-30; `/proc/PID/stat` before and after 4 s of
-`wrk -t1 -c50`, Sluicegate and nginx alternated in the same minutes):
+PROFILE_READING = """**Reading** (profile and CPU accounting of 2026-11-30 09:20; `/proc/PID/stat` before and after 4 s
+of `wrk -t1 -c50`, Sluicegate and nginx alternated in the same minutes):
 
-- **CPU per request, plain proxy**: Sluicegate 10.1–10.7 µs user + 9.7–10.6 µs kernel; nginx
-  3.3–3.7 µs user + 8.3–9.3 µs kernel (the previous session's figures, before the changes below:
-  Sluicegate 11.4–12.7 µs user, nginx 4.0–4.9). `strace -c`: both make 2 `writev` + 2 `recvfrom`
-  per request, so the kernel work is the same and **the gap to nginx is user time, about 3×
-  nginx's**. 1.2× nginx would need Sluicegate's user time below nginx's own; hyper's two HTTP/1
-  dispatchers (client side and server side) plus tokio's wakeups and timers alone cost more than
-  that on one worker, so this goal stays open.
-- **Upstream connections are now driven inline** (`host/src/upstream/pool.rs`): hyper-util's pooled
-  client drove each upstream connection in a task of its own, so every request paid a pool
-  checkout under a SipHash-keyed lock, an mpsc hop to that task and a oneshot back, a task switch
-  each way, and a task spawned to return the connection when the body ended (about 12% of user
-  time). A per-worker pool of hyper `client::conn::http1` connections is now polled by the request
-  that holds one, then by its response body, and put back when the body ends, as nginx's upstream
-  keepalive does. TLS upstreams and upgrades still use hyper-util's client.
-- **Cache hits**: `CachePolicy::before_request` on every hit was about a sixth of a hit's CPU (it
-  parses both `Cache-Control`s, copies the head field by field, formats a `Date`); the cache-key
-  code parsed ten header names per request. A fresh entry now keeps the policy's own hit head,
-  worked out when it is stored, for requests without cache directives of their own (`docs/cache.md`,
-  "Quick hits"), and the key code compares prebuilt names. CPU per hit went from 9.0 to 4.6–5.1 µs
-  user, measured in the same hour; cache hits went from 0.85× to 1.00× nginx `proxy_cache`.
-- Also removed: `Via` formatted per message (now rendered once per configuration), `X-Forwarded-For`
-  formatted through `fmt` (IPv4 is written directly).
-- **Noise**: the machine's two cores are shared, and on 2026-11-30 they were noisy (nginx alone
-  varied 51–80k req/s between runs). Two runs of the main scenario an hour apart gave Sluicegate /
-  nginx 0.57 and 0.56 (medians of per-round ratios) with single rounds from 0.38 to 0.73, while
-  3-endpoint balancing gave 0.69 (0.60–0.72; 0.61 in the previous full run) and cache hits 1.00.
-  Take the plain-proxy ratio as "about 0.6", not to two digits.
-- What is left is spread thin: tokio (~10% of all samples: wakers, readiness, timers), hyper (~7%),
-  `http` header maps (~5%), `memmove` (~5%: futures and buffers moved), mimalloc (~4%). Sluicegate's
-  own code is a few percent; the strict HTTP/1.1 reader (`Framer::scan`) under 1%.
+- **CPU per request, plain proxy**: Sluicegate 8.9–9.6 µs user + 10.3–11.0 µs kernel; nginx
+  3.2–3.5 µs user + 8.4–9.2 µs kernel. Earlier the same day, before the instruction-count round
+  below: Sluicegate 10.1–11.8 µs user. `strace -c`: both make 2 `writev` + 2 `recvfrom` per request,
+  so **the gap to nginx is user time, now about 2.7× nginx's**. 1.2× nginx would need Sluicegate's
+  user time below nginx's own; hyper's two HTTP/1 dispatchers (client side and server side) plus
+  tokio's wakeups and timers alone cost more than that on one worker, so this goal stays open.
+- **Upstream connections are driven inline** (`host/src/upstream/pool.rs`): a per-worker pool of
+  hyper `client::conn::http1` connections, polled by the request that holds one, then by its
+  response body, and put back when the body ends, as nginx's upstream keepalive does (hyper-util's
+  pooled client cost an mpsc hop, a oneshot, two task switches and a spawned task per request,
+  about 12% of user time). TLS upstreams and upgrades still use hyper-util's client.
+- **Cache hits** keep the policy's hit head, worked out when an entry is stored, for requests
+  without cache directives of their own (`docs/cache.md`, "Quick hits"): 9.0 → 4.6–5.1 µs user per
+  hit; cache hits are now level with or a little above nginx `proxy_cache` (1.00× then 1.07×).
+- **What a filter costs.** `sluicegate filter bench` times the add-header filter's two calls at
+  1.9–2.3 µs per request in a loop, and in the proxy the filter's own code (wasmtime's component
+  calls, the guest, `sluicegate::filter`) is 7.8% of the filtered process's samples, about 2.3 µs.
+  Yet the filtered proxy spends 14.0–16.1 µs user + 13.0–13.5 µs kernel per request against
+  9.1–9.5 + 10.5–11.0 without the filter (and the same with the filter runtime loaded but no filter
+  on the route: the epoch ticker is not it). The rest of the request runs colder after two trips
+  through wasmtime (its trampolines, instance state and tables evict hyper's and tokio's working
+  set), and a slower proxy wakes wrk and the backend more often. That is why the 1-filter ratio
+  fell from 0.82–0.85 to 0.73 as the plain path got faster: the filter's absolute cost did not
+  grow (1.85× Envoy+Wasm, was 1.70–1.77). Closing it means fewer crossings per request (the host
+  already skips the phases a filter does not ask for; fixed header edits could be declared at
+  `init` and applied natively), not faster host code.
+- **Noise**: the machine's two cores are shared; nginx alone varied 51–80k req/s between runs that
+  day. Take the ratios as ±0.05.
 """
 
 MEMORY_READING = """**Reading**: idle, Sluicegate is close to nginx (its extra megabytes are the tokio runtime,
