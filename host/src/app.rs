@@ -48,6 +48,8 @@ pub fn runtime(_config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
 /// the atomically swapped snapshot and the filter runtime.
 pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     crate::protect::raise_fd_limit();
+    // Watch before anything is read from the watched directories.
+    let watching = reload::watch(&config, source.clone());
     let metrics = metrics_handle()?;
     // Histograms keep raw samples until drained: drain them on a timer so
     // memory stays flat even if nobody scrapes /metrics.
@@ -162,7 +164,10 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
     // Active health checks follow the live snapshot across reloads.
     tokio::spawn(crate::balance::health::run(snapshot.clone()));
     tokio::spawn(crate::balance::dns::run(main_proxy.clone()));
-    let _watcher = reload::watch(main_proxy.clone(), source.clone());
+    let _watcher = watching.map(|(watcher, pending)| {
+        pending.apply(main_proxy.clone());
+        watcher
+    });
 
     wait_for_stop(&main_proxy, source).await;
     // Drain in order: readiness fails first, then (after drain_delay_ms,

@@ -26,11 +26,28 @@ enum Change {
     Config,
 }
 
-/// Watch the filter directory and the config file's directory; reload
-/// after each burst of events has been quiet for [`DEBOUNCE`].
-pub fn watch(proxy: Arc<Proxy>, config_file: Option<PathBuf>) -> Option<Watcher> {
-    let snap = proxy.snapshot.load_full();
-    let filter_dir = snap.config.filters.dir.clone();
+/// Changes seen before the proxy exists, waiting for [`Pending::apply`].
+pub struct Pending {
+    rx: mpsc::UnboundedReceiver<Change>,
+    config_file: Option<PathBuf>,
+}
+
+impl Pending {
+    /// From now on, reload `proxy` after each burst of events has been
+    /// quiet for [`DEBOUNCE`] (events seen since [`watch`] included).
+    pub fn apply(self, proxy: Arc<Proxy>) {
+        tokio::spawn(debounced(proxy, self.rx, self.config_file));
+    }
+}
+
+/// Watch the filter directory and the config file's directory.
+///
+/// Called before the filters and the listeners are set up: a filter
+/// replaced while the proxy starts (after its first load read the
+/// directory, before the watch began) would otherwise go unnoticed until
+/// the next change. Its event waits in [`Pending`] and causes one reload.
+pub fn watch(config: &Config, config_file: Option<PathBuf>) -> Option<(Watcher, Pending)> {
+    let filter_dir = config.filters.dir.clone();
     let config_file = config_file.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
     let filter_dir_abs = filter_dir
         .as_ref()
@@ -64,8 +81,7 @@ pub fn watch(proxy: Arc<Proxy>, config_file: Option<PathBuf>) -> Option<Watcher>
             }
         }
     }
-    tokio::spawn(debounced(proxy, rx, config_file));
-    Some(watcher)
+    Some((watcher, Pending { rx, config_file }))
 }
 
 /// Collect a burst of changes, then apply them once.
