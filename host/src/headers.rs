@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
@@ -160,15 +160,30 @@ pub fn add_via(headers: &mut HeaderMap, version: Version, via: &Via) {
     let Some(entry) = &via.entries[via_index(version)] else {
         return;
     };
-    match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => {
-            let value = format!("{prev}, {} {}", via_protocol(version), via.pseudonym);
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                headers.insert(header::VIA, v);
+    // One lookup (the entry), not a `get` and then an `insert`.
+    match headers.entry(header::VIA) {
+        Entry::Occupied(mut e) => {
+            let joined = match e.get().to_str() {
+                Ok(prev) if !prev.is_empty() => Some(format!(
+                    "{prev}, {} {}",
+                    via_protocol(version),
+                    via.pseudonym
+                )),
+                _ => None,
+            };
+            match joined {
+                Some(value) => {
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        e.insert(v);
+                    }
+                }
+                None => {
+                    e.insert(entry.clone());
+                }
             }
         }
-        _ => {
-            headers.insert(header::VIA, entry.clone());
+        Entry::Vacant(v) => {
+            v.insert(entry.clone());
         }
     }
 }
@@ -211,23 +226,27 @@ pub fn add_forwarded(
 ) {
     // The usual request has no `X-Forwarded-For` yet: then the value is the
     // client alone, written without `fmt` and without a list to join.
-    let value = if headers.contains_key(&X_FORWARDED_FOR) {
-        let prior: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .filter(|v| !v.trim().is_empty())
-            .collect();
-        if prior.is_empty() {
-            ip_value(client)
-        } else {
-            HeaderValue::from_str(&format!("{}, {client}", prior.join(", "))).ok()
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Vacant(v) => {
+            if let Some(ip) = ip_value(client) {
+                v.insert(ip);
+            }
         }
-    } else {
-        ip_value(client)
-    };
-    if let Some(v) = value {
-        headers.insert(X_FORWARDED_FOR, v);
+        Entry::Occupied(mut e) => {
+            let prior: Vec<&str> = e
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .filter(|v| !v.trim().is_empty())
+                .collect();
+            let value = if prior.is_empty() {
+                ip_value(client)
+            } else {
+                HeaderValue::from_str(&format!("{}, {client}", prior.join(", "))).ok()
+            };
+            if let Some(v) = value {
+                e.insert(v);
+            }
+        }
     }
     headers.insert(
         X_FORWARDED_PROTO,

@@ -39,7 +39,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -75,6 +75,9 @@ struct Park {
     /// Requests in flight on this connection, until their response bodies end.
     inflight: Arc<AtomicUsize>,
     timer: Option<Pin<Box<Sleep>>>,
+    /// The waker `timer` was last polled with (it wakes that one when it
+    /// fires); `None` until it has been polled.
+    registered: Option<Waker>,
     /// Reads that brought bytes, and their count when the timer was armed:
     /// no clock is read on the data path.
     reads: u64,
@@ -92,10 +95,19 @@ impl Park {
         if self.timer.is_none() {
             self.armed_at = self.reads;
             self.timer = Some(Box::pin(tokio::time::sleep(self.after)));
+            self.registered = None;
         }
         let Some(timer) = self.timer.as_mut() else {
             return false;
         };
+        // This runs at every request boundary. While the timer has not
+        // fired and the task is the same, it already holds this waker:
+        // polling it again would only re-register it (most of the cost).
+        if let Some(w) = &self.registered {
+            if w.will_wake(cx.waker()) && !timer.is_elapsed() {
+                return false;
+            }
+        }
         while timer.as_mut().poll(cx).is_ready() {
             if self.reads == self.armed_at
                 && self.flushed
@@ -108,6 +120,7 @@ impl Park {
                 .as_mut()
                 .reset(tokio::time::Instant::now() + self.after);
         }
+        self.registered = Some(cx.waker().clone());
         false
     }
 }
@@ -143,6 +156,7 @@ impl<T> StrictH1<T> {
             after,
             inflight,
             timer: None,
+            registered: None,
             reads: 0,
             armed_at: 0,
             flushed: true,
