@@ -561,11 +561,13 @@ of `wrk -t1 -c50`, Sluicegate and nginx alternated in the same minutes):
   through wasmtime (its trampolines, instance state and tables evict hyper's and tokio's working
   set), and a slower proxy wakes wrk and the backend more often. That is why the 1-filter ratio
   fell from 0.82–0.85 to 0.73 as the plain path got faster: the filter's absolute cost did not
-  grow (1.85× Envoy+Wasm, was 1.70–1.77). Closing it means fewer crossings per request (the host
+  grow (1.85–1.88× Envoy+Wasm in two runs, was 1.70–1.77). Closing it means fewer crossings per request (the host
   already skips the phases a filter does not ask for; fixed header edits could be declared at
   `init` and applied natively), not faster host code.
 - **Noise**: the machine's two cores are shared; nginx alone varied 51–80k req/s between runs that
-  day. Take the ratios as ±0.05.
+  day. The plain-proxy ratio was 0.71 (per-round median) in the full run at 08:50 and 0.80 in the
+  main scenario re-run at 09:40 with Sluicegate at the same 46.9k req/s and nginx lower: take it as
+  "0.7–0.8", and the instruction count above for the size of each change.
 """
 
 MEMORY_READING = """**Reading**: idle, Sluicegate is close to nginx (its extra megabytes are the tokio runtime,
