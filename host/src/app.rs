@@ -20,9 +20,7 @@ use crate::upstream::UpstreamClient;
 /// Install the Prometheus recorder (once per process).
 fn metrics_handle() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&[
-            0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
-        ])
+        .set_buckets(&crate::hist::BOUNDS)
         .context("metrics buckets")?
         .install_recorder()
         .context("installing the metrics recorder")
@@ -51,8 +49,9 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
     // Watch before anything is read from the watched directories.
     let watching = reload::watch(&config, source.clone());
     let metrics = metrics_handle()?;
-    // Histograms keep raw samples until drained: drain them on a timer so
-    // memory stays flat even if nobody scrapes /metrics.
+    // The exporter's histograms keep raw samples until drained: drain them
+    // on a timer so memory stays flat even if nobody scrapes /metrics. (The
+    // per-request latency histograms are `hist`'s own and need none.)
     let upkeep = metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));

@@ -2,7 +2,6 @@
 //! and the `X-Forwarded-*` family.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
@@ -26,17 +25,23 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Is this request asking to switch protocols (e.g. WebSocket)? Returns the
 /// `Upgrade` value to pass on.
 pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
-    let wants = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let wants = connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"));
     if wants {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     }
+}
+
+/// The comma-separated tokens of every `Connection` line, trimmed (lines
+/// that are not text are skipped).
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
 }
 
 /// Remove hop-by-hop headers: the fixed list, `Proxy-Authorization`, and
@@ -48,34 +53,25 @@ pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Which of HOP_BY_HOP (and, last, Proxy-Authorization) are present.
     let mut present = [false; HOP_BY_HOP.len() + 1];
-    let mut any = false;
     for name in headers.keys() {
         if let Some(i) = hop_index(name) {
             present[i] = true;
-            any = true;
         }
     }
-    if !any {
+    if !present.contains(&true) {
         return;
     }
     // Headers named in `Connection` (index 0). `close` and `keep-alive`
     // are the usual tokens: one names no header, the other is in the list.
     if present[0] {
-        let mut named: Vec<HeaderName> = Vec::new();
-        for value in headers.get_all(header::CONNECTION) {
-            let Ok(text) = value.to_str() else { continue };
-            for token in text.split(',').map(str::trim) {
-                if token.is_empty()
-                    || token.eq_ignore_ascii_case("close")
-                    || token.eq_ignore_ascii_case("keep-alive")
-                {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                    named.push(name);
-                }
-            }
-        }
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("close")
+                    && !t.eq_ignore_ascii_case("keep-alive")
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
         for name in named {
             headers.remove(name);
         }
@@ -121,7 +117,6 @@ fn via_protocol(version: Version) -> &'static str {
 /// configuration for each protocol version.
 #[derive(Clone)]
 pub struct Via {
-    pseudonym: Arc<str>,
     /// By [`via_index`]; `None` if the pseudonym is not a valid value.
     entries: [Option<HeaderValue>; 5],
 }
@@ -132,7 +127,6 @@ impl Via {
         let entry =
             |v: Version| HeaderValue::from_str(&format!("{} {pseudonym}", via_protocol(v))).ok();
         Via {
-            pseudonym: Arc::from(pseudonym),
             entries: [
                 entry(Version::HTTP_09),
                 entry(Version::HTTP_10),
@@ -162,26 +156,16 @@ pub fn add_via(headers: &mut HeaderMap, version: Version, via: &Via) {
     };
     // One lookup (the entry), not a `get` and then an `insert`.
     match headers.entry(header::VIA) {
-        Entry::Occupied(mut e) => {
-            let joined = match e.get().to_str() {
-                Ok(prev) if !prev.is_empty() => Some(format!(
-                    "{prev}, {} {}",
-                    via_protocol(version),
-                    via.pseudonym
-                )),
-                _ => None,
-            };
-            match joined {
-                Some(value) => {
-                    if let Ok(v) = HeaderValue::from_str(&value) {
-                        e.insert(v);
-                    }
-                }
-                None => {
-                    e.insert(entry.clone());
+        Entry::Occupied(mut e) => match (e.get().to_str(), entry.to_str()) {
+            (Ok(prev), Ok(own)) if !prev.is_empty() => {
+                if let Ok(v) = HeaderValue::from_str(&format!("{prev}, {own}")) {
+                    e.insert(v);
                 }
             }
-        }
+            _ => {
+                e.insert(entry.clone());
+            }
+        },
         Entry::Vacant(v) => {
             v.insert(entry.clone());
         }

@@ -410,7 +410,8 @@ impl Proxy {
         }
     }
 
-    /// Run the response phases over the filters that ran.
+    /// Run the response phases over the `ran` (> 0) filters that ran; only
+    /// [`Proxy::finish_opt`] calls it.
     async fn finish(
         &self,
         chain: &Chain,
@@ -418,9 +419,6 @@ impl Proxy {
         mut req: RequestHead,
         resp: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
-        if ran == 0 {
-            return resp;
-        }
         let (parts, mut body) = resp.into_parts();
         let mut head = ResponseHead { parts };
         if let Some(replaced) = chain.on_response(ran, &mut req, &mut head) {
@@ -591,9 +589,6 @@ mod tests {
     fn size4<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: F) -> usize {
         std::mem::size_of::<R>()
     }
-    fn size5<F: FnOnce(A, B, C, D, E) -> R, A, B, C, D, E, R>(_: F) -> usize {
-        std::mem::size_of::<R>()
-    }
 
     /// Every request's future is built on the stack and copied as it is
     /// awaited at each level (and once more to the heap by the server), so
@@ -605,11 +600,6 @@ mod tests {
         let journey = size4(Proxy::journey);
         let forward = size4(UpstreamClient::forward);
         eprintln!("future sizes: handle {handle}, journey {journey}, forward {forward}");
-        eprintln!(
-            "finish {} finish_opt {}",
-            size5(Proxy::finish),
-            size5(Proxy::finish_opt)
-        );
         // 6,200 bytes before the rare paths were boxed.
         assert!(handle <= 3072, "the request future grew to {handle} bytes");
     }

@@ -240,47 +240,44 @@ fn head_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
-/// Token characters (RFC 9110 §5.6.2), as a 256-entry table: the scan does
-/// one load per byte instead of a chain of comparisons.
-const TCHAR: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        table[b] = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'!' | b'#'
-                    | b'$'
-                    | b'%'
-                    | b'&'
-                    | b'\''
-                    | b'*'
-                    | b'+'
-                    | b'-'
-                    | b'.'
-                    | b'^'
-                    | b'_'
-                    | b'`'
-                    | b'|'
-                    | b'~'
-            );
-        b += 1;
-    }
-    table
-};
+/// A 256-entry table of the bytes `c` for which `$pick` holds, built at
+/// compile time: the scan does one load per byte instead of a chain of
+/// comparisons.
+macro_rules! byte_table {
+    (|$c:ident| $pick:expr) => {{
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let $c = b as u8;
+            table[b] = $pick;
+            b += 1;
+        }
+        table
+    }};
+}
+
+/// Token characters (RFC 9110 §5.6.2).
+const TCHAR: [bool; 256] = byte_table!(|c| c.is_ascii_alphanumeric()
+    || matches!(
+        c,
+        b'!' | b'#'
+            | b'$'
+            | b'%'
+            | b'&'
+            | b'\''
+            | b'*'
+            | b'+'
+            | b'-'
+            | b'.'
+            | b'^'
+            | b'_'
+            | b'`'
+            | b'|'
+            | b'~'
+    ));
 
 /// Bytes a field value may not hold: controls other than HTAB, and DEL.
-const BAD_IN_VALUE: [bool; 256] = {
-    let mut table = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        table[b] = (c < 0x20 && c != b'\t') || c == 0x7f;
-        b += 1;
-    }
-    table
-};
+const BAD_IN_VALUE: [bool; 256] = byte_table!(|c| (c < 0x20 && c != b'\t') || c == 0x7f);
 
 /// Is `b` a token character?
 fn tchar(b: u8) -> bool {
