@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Count the instructions Sluicegate's worker spends per proxied request, with callgrind.
 
-    python3 bench/callgrind.py [--requests 10000] [--sluicegate PATH]
+    python3 bench/callgrind.py [--requests 10000] [--sluicegate PATH] [--cache]
 
 Timings on two shared cores move by 10% between runs; instruction counts do not. This starts
 bench.py's nginx backend and Sluicegate (one worker, one route, no filters) under
@@ -13,7 +13,8 @@ not in it, and neither is the backend's. Needs `valgrind` (Debian) and `h2load`
 terabytes of address space, which valgrind refuses (`sluicegate filter bench` times a filter
 in-process instead).
 
-Writes bench/out/callgrind/: callgrind.out (open it with callgrind_annotate or kcachegrind),
+With --cache, the backend and the proxy are cache_bench.py's (`cache = true`, `max-age=3600`) and
+the count is of cache hits. Writes bench/out/callgrind/ (bench/out/callgrind-cache/ with --cache): callgrind.out (open it with callgrind_annotate or kcachegrind),
 results.json and results.md (Ir per request, the top functions by self and by inclusive cost).
 """
 
@@ -69,8 +70,12 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=10000)
     ap.add_argument("--warmup", type=int, default=3000)
     ap.add_argument("--sluicegate", default=str(S.ROOT / "target/release/sluicegate"))
-    ap.add_argument("--out", default=str(S.BENCH / "out" / "callgrind"))
+    ap.add_argument("--cache", action="store_true",
+                    help="count cache hits (cache_bench.py's config: `cache = true`, a cacheable backend)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(S.BENCH / "out" / ("callgrind-cache" if args.cache else "callgrind"))
     for tool, pkg in (("valgrind", "valgrind"), ("callgrind_control", "valgrind"), ("h2load", "nghttp2-client")):
         if not shutil.which(tool):
             raise B.BenchError(f"{tool} not found: apt-get install {pkg}")
@@ -89,9 +94,21 @@ def main() -> int:
     wrapper.chmod(0o755)
 
     backend, port, admin = B.free_ports(3)
-    S.start_backend(procs, work, backend)
-    t = S.start_sluicegate(procs, work, "sluicegate", "sluicegate", port, wrapper,
-                           S.sluicegate_toml(port, admin, backend, None), timeout=180)
+    if args.cache:
+        import cache_bench as C
+        (work / "backend").mkdir()
+        conf = work / "backend" / "nginx.conf"
+        conf.write_text(C.backend_conf(work, backend))
+        be = B.Target("direct", "backend", backend)
+        be.procs.append(procs.spawn("backend nginx", [S.nginx_bin(), "-e", str(work / "backend" / "error.log"),
+                                                      "-p", str(work / "backend"), "-c", str(conf)],
+                                    work / "backend" / "stdout.log", match="nginx"))
+        B.wait_ready(procs, be, 15)
+        toml = C.sluicegate_conf(port, admin, backend)
+    else:
+        S.start_backend(procs, work, backend)
+        toml = S.sluicegate_toml(port, admin, backend, None)
+    t = S.start_sluicegate(procs, work, "sluicegate", "sluicegate", port, wrapper, toml, timeout=180)
     B.verify(t)
     pid = t.procs[0].pid
     h2load(t.url, args.warmup)
@@ -119,19 +136,20 @@ def main() -> int:
     by_self = [r for r in annotate(data, inclusive=False) if r[0] < ir / 2]
     by_incl = [r for r in annotate(data, inclusive=True)
                if "sluicegate::" in r[1] and r[0] < ir * 0.6 and not r[1].startswith(("std/", "core/", "alloc/"))]
-    doc = {"scenario": "callgrind",
+    what = "cache hit" if args.cache else "plain proxy"
+    doc = {"scenario": "callgrind-cache" if args.cache else "callgrind", "what": what,
            "meta": S.meta(exe, B.cpu_busy(0.5), requests=args.requests),
            "requests": args.requests, "ir_total": ir, "ir_per_request": round(per_request),
            "h2load": load, "seconds_under_valgrind": round(seconds, 1),
            "top_self": [(round(n / args.requests), name) for n, name in by_self[:40]],
            "top_inclusive": [(round(n / args.requests), name) for n, name in by_incl[:40]]}
-    md = ["# Instructions per request (callgrind, plain proxy)\n",
+    md = [f"# Instructions per request (callgrind, {what})\n",
           f"{per_request:,.0f} instructions per request (user space, whole process, "
           f"{args.requests:,} requests over 50 keep-alive connections)\n",
           "| Ir/request | function (self) |", "|--:|---|",
           *(f"| {n:,} | `{name}` |" for n, name in doc["top_self"][:25]), ""]
     S.write_results(out, doc, "\n".join(md))
-    B.log(f"{per_request:,.0f} instructions per request")
+    B.log(f"{per_request:,.0f} instructions per request ({what})")
     return 0
 
 

@@ -12,7 +12,6 @@
 //!    (local answers, errors and cache hits included); strip hop-by-hop; add `Via`;
 //! 7. stream the body back (or pass a WebSocket through after `101`).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -46,7 +45,8 @@ pub struct Snapshot {
     /// Routes in match order.
     pub routes: RouteTable,
     /// Upstreams by name.
-    pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    /// By name (names come from the operator's config: FxHash, no DoS-resistant hasher needed).
+    pub upstreams: rustc_hash::FxHashMap<Arc<str>, Arc<Upstream>>,
     /// The HTTP cache (its store outlives reloads that keep its bounds).
     pub cache: Arc<HttpCache>,
     /// Metric handles per route index; the last one counts unrouted requests.
@@ -181,9 +181,9 @@ impl Proxy {
         conn: ConnInfo,
     ) -> (Response<ProxyBody>, Option<usize>) {
         let host = request_host(&req);
-        let Some(route) = snap.routes.find(host.as_deref(), req.uri().path()) else {
+        let Some(route) = snap.routes.find(host, req.uri().path()) else {
             tracing::info!(
-                host = host.as_deref().unwrap_or("-"),
+                host = host.unwrap_or("-"),
                 path = req.uri().path(),
                 "no route"
             );
@@ -261,7 +261,7 @@ impl Proxy {
         });
         // The head goes upstream; a copy is kept only if response filters
         // will want to read it.
-        let parts = match chain {
+        let mut parts = match chain {
             Some(_) => head.parts.clone(),
             None => std::mem::replace(&mut head.parts, http::Request::new(()).into_parts().0),
         };
@@ -270,14 +270,32 @@ impl Proxy {
             .routes
             .get(route.index)
             .and_then(|r| r.cache_rule(&snap.config.cache));
+        // A fresh hit is answered here, without a future; its stored head
+        // has no hop-by-hop fields to remove.
+        let mut stored = false;
         let resp = match cache_rule {
-            // Boxed: the cache path's future is twice the plain path's, and
-            // every request's future (moved to the heap by the server) would
-            // carry its size (5 KB of memcpy per plain request).
-            Some(rule) if upgrade.is_none() => Ok(Box::pin(
-                self.through_cache(snap, rule, upstream, parts, &head, req_body),
-            )
-            .await),
+            Some(rule) if upgrade.is_none() => {
+                let cr = CacheRequest {
+                    rule,
+                    scheme: head.scheme,
+                    upstream: &upstream.name,
+                };
+                let body_empty = http_body::Body::is_end_stream(&req_body);
+                match snap.cache.try_hit(&cr, &mut parts, body_empty) {
+                    Some(hit) => {
+                        stored = true;
+                        Ok(hit)
+                    }
+                    // Boxed: the cache path's future is twice the plain
+                    // path's, and every request's future (moved to the heap
+                    // by the server) would carry its size (5 KB of memcpy
+                    // per plain request).
+                    None => Ok(Box::pin(
+                        self.through_cache(snap, rule, upstream, parts, &head, req_body),
+                    )
+                    .await),
+                }
+            }
             // Boxed too: every layer above would otherwise carry (and copy
             // as it is built) the client's future.
             _ => {
@@ -297,7 +315,9 @@ impl Proxy {
             (Err(_), _) if verdict.broken() => protect::bad_body(version),
             (Ok(resp), _) => {
                 let (mut parts, b) = resp.into_parts();
-                headers::remove_hop_by_hop(&mut parts.headers);
+                if !stored {
+                    headers::remove_hop_by_hop(&mut parts.headers);
+                }
                 let is_endpoint = |authority: &str| {
                     let eps = upstream.endpoints.as_slice();
                     eps.iter()
@@ -528,16 +548,11 @@ fn set_length(headers: &mut http::HeaderMap, len: usize) {
 }
 
 /// The host the client asked for: `:authority` / absolute URI, else `Host`.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    req.uri()
-        .authority()
-        .map(|a| a.host().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(a) => Some(a.host()),
+        None => req.headers().get(header::HOST)?.to_str().ok(),
+    }
 }
 
 /// 502 or 504, with a log line giving the reason.

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -171,7 +171,12 @@ fn connection_builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(cfg.proxy.timeouts.header_read_ms))
+        // The strict reader keeps `header_read_ms` (a started head must be
+        // complete in time; hyper never sees a partial one), and idle or
+        // silent connections are parked and closed by `IdleTimeout`.
+        // hyper's own timer would only repeat that, at the price of a boxed
+        // `Sleep` made, registered and dropped for every request.
+        .header_read_timeout(None)
         .max_buf_size(cfg.proxy.limits.max_header_bytes.max(8192))
         .max_headers(cfg.proxy.limits.max_headers)
         .keep_alive(true);
@@ -327,6 +332,8 @@ struct IdleTimeout {
     seen: u64,
     quiet: u32,
     inflight: Arc<AtomicUsize>,
+    /// The waker `timer` was last polled with; `None` until then.
+    registered: Option<Waker>,
 }
 
 /// Quiet ticks that make a connection idle.
@@ -343,6 +350,7 @@ impl IdleTimeout {
             seen: 0,
             quiet: 0,
             inflight,
+            registered: None,
         }
     }
 
@@ -354,6 +362,14 @@ impl IdleTimeout {
     /// Has the connection been quiet for `IDLE_TICKS` ticks? Re-arms the
     /// timer otherwise.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        // Called at every read that would block. While the timer has not
+        // fired and the task is the same, it already holds this waker:
+        // polling it again would only re-register it.
+        if let Some(w) = &self.registered {
+            if w.will_wake(cx.waker()) && !self.timer.is_elapsed() {
+                return false;
+            }
+        }
         while self.timer.as_mut().poll(cx).is_ready() {
             if self.activity != self.seen || self.inflight.load(Ordering::Relaxed) > 0 {
                 self.seen = self.activity;
@@ -369,6 +385,7 @@ impl IdleTimeout {
             let next = tokio::time::Instant::now() + self.tick;
             self.timer.as_mut().reset(next);
         }
+        self.registered = Some(cx.waker().clone());
         false
     }
 }

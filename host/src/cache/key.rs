@@ -62,7 +62,9 @@ pub fn primary_key(scheme: &str, parts: &Parts) -> Option<String> {
     let mut key = String::with_capacity(scheme.len() + 3 + host.len() + pq.len());
     key.push_str(scheme);
     key.push_str("://");
-    key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+    let at = key.len();
+    key.push_str(host);
+    key[at..].make_ascii_lowercase();
     key.push_str(pq);
     Some(key)
 }

@@ -89,6 +89,47 @@ impl HttpCache {
         }
     }
 
+    /// The cache-hit fast path: a fresh stored answer to `parts` (a request
+    /// on a caching route, `body_empty` if it has no body), worked out
+    /// synchronously, so a hit builds no future, no origin and no boxed
+    /// lookup. `None` for anything else (not a plain `GET`/`HEAD`, stale,
+    /// missing): then [`Self::serve`] decides, looking the key up again.
+    /// `parts` may come back with its unkeyed overrides removed and its URI
+    /// in origin form, as `serve` would make them.
+    pub fn try_hit(
+        &self,
+        cr: &CacheRequest<'_>,
+        parts: &mut http::request::Parts,
+        body_empty: bool,
+    ) -> Option<Response<ProxyBody>> {
+        let head = match parts.method {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return None,
+        };
+        if !body_empty || parts.headers.contains_key(header::RANGE) {
+            return None;
+        }
+        key::strip_unkeyed_overrides(&mut parts.headers);
+        let key = key::primary_key(cr.scheme, parts)?;
+        key::origin_form(parts);
+        // A HEAD is looked up as the GET it mirrors (see `lookup`).
+        let found = if head {
+            parts.method = Method::GET;
+            let found = self.find(&key, cr.upstream, parts);
+            parts.method = Method::HEAD;
+            found
+        } else {
+            self.find(&key, cr.upstream, parts)
+        };
+        let Found::Fresh(fresh) = found else {
+            return None;
+        };
+        self.stats.hit();
+        let status = CacheStatus::hit(fresh.ttl());
+        Some(fresh.respond(&parts.method, status))
+    }
+
     /// GET or HEAD without a body: hit, stale or miss.
     async fn lookup(
         self: &Arc<Self>,
@@ -107,9 +148,10 @@ impl HttpCache {
         // mirrors and answered with the head only.
         let method = std::mem::replace(&mut parts.method, Method::GET);
         let fwd = match self.find(&key, cr.upstream, &parts) {
-            Found::Fresh(entry, head) => {
+            Found::Fresh(fresh) => {
                 self.stats.hit();
-                return entry.respond(head, &method, CacheStatus::hit(ttl(&entry)));
+                let status = CacheStatus::hit(fresh.ttl());
+                return fresh.respond(&method, status);
             }
             Found::Stale(entry, conditional) => {
                 return self
@@ -135,12 +177,12 @@ impl HttpCache {
             }
             Join::Follower(wait) => {
                 if wait.wait(self.settings.lock_timeout).await {
-                    if let Found::Fresh(entry, head) = self.find(&key, cr.upstream, &parts) {
+                    if let Found::Fresh(fresh) = self.find(&key, cr.upstream, &parts) {
                         let status = CacheStatus {
                             collapsed: true,
                             ..status
                         };
-                        return entry.respond(head, &method, status);
+                        return fresh.respond(&method, status);
                     }
                 }
                 // The leader stored nothing this request can use: ask too.
@@ -168,11 +210,23 @@ impl HttpCache {
             }
             if plain {
                 if let Some(head) = entry.quick_hit(parts, now) {
-                    return Found::Fresh(entry.clone(), head);
+                    return Found::Fresh(Fresh {
+                        entry: entry.clone(),
+                        head,
+                        dated: true,
+                        now,
+                    });
                 }
             }
             match entry.policy.before_request(parts, now) {
-                BeforeRequest::Fresh(head) => return Found::Fresh(entry.clone(), head),
+                BeforeRequest::Fresh(head) => {
+                    return Found::Fresh(Fresh {
+                        entry: entry.clone(),
+                        head,
+                        dated: false,
+                        now,
+                    })
+                }
                 BeforeRequest::Stale {
                     request,
                     matches: true,
@@ -284,10 +338,37 @@ impl HttpCache {
     }
 }
 
+/// A fresh variant found for a request.
+struct Fresh {
+    entry: Arc<CachedResponse>,
+    /// The head to send (`Age` set).
+    head: http::response::Parts,
+    /// `head` carries the origin's `Date` already (a quick hit's does; the
+    /// policy's has the current time).
+    dated: bool,
+    /// When it was found.
+    now: SystemTime,
+}
+
+impl Fresh {
+    /// Seconds of freshness left.
+    fn ttl(&self) -> i64 {
+        ttl_at(&self.entry, self.now)
+    }
+
+    fn respond(self, method: &Method, status: CacheStatus) -> Response<ProxyBody> {
+        if self.dated {
+            self.entry.respond_dated(self.head, method, status)
+        } else {
+            self.entry.respond(self.head, method, status)
+        }
+    }
+}
+
 /// What the store holds for a request.
 enum Found {
-    /// A fresh variant, with the head to send (`Age` set).
-    Fresh(Arc<CachedResponse>, http::response::Parts),
+    /// A fresh variant.
+    Fresh(Fresh),
     /// A stale matching variant, and the conditional request to revalidate it.
     Stale(Arc<CachedResponse>, http::request::Parts),
     /// Nothing under this URL.
@@ -298,7 +379,11 @@ enum Found {
 
 /// Seconds of freshness left (negative once stale).
 pub(super) fn ttl(entry: &CachedResponse) -> i64 {
-    let now = SystemTime::now();
+    ttl_at(entry, SystemTime::now())
+}
+
+/// Seconds of freshness left at `now`.
+fn ttl_at(entry: &CachedResponse, now: SystemTime) -> i64 {
     match entry.fresh_until.duration_since(now) {
         Ok(left) => left.as_secs() as i64,
         Err(past) => -(past.duration().as_secs() as i64),

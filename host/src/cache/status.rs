@@ -2,9 +2,7 @@
 //! this request, one list member named `sluicegate`, appended after any
 //! member an upstream cache added.
 
-use std::fmt::Write;
-
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{Entry, HeaderMap, HeaderName, HeaderValue};
 
 /// `cache-status`.
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -77,19 +75,26 @@ impl CacheStatus {
     }
 
     /// The member's text, e.g. `sluicegate; fwd=uri-miss; fwd-status=200; stored`.
+    /// Built by pushing pieces (no formatting machinery): a hit renders it
+    /// on every request.
     pub fn render(&self) -> String {
-        let mut s = String::from("sluicegate");
+        let mut s = String::with_capacity(48);
+        s.push_str("sluicegate");
         if self.hit {
             s.push_str("; hit");
         }
         if let Some(f) = self.fwd {
-            let _ = write!(s, "; fwd={}", f.as_str());
+            s.push_str("; fwd=");
+            s.push_str(f.as_str());
         }
+        let mut num = itoa::Buffer::new();
         if let Some(st) = self.fwd_status {
-            let _ = write!(s, "; fwd-status={st}");
+            s.push_str("; fwd-status=");
+            s.push_str(num.format(st));
         }
         if let Some(t) = self.ttl {
-            let _ = write!(s, "; ttl={t}");
+            s.push_str("; ttl=");
+            s.push_str(num.format(t));
         }
         if self.stored {
             s.push_str("; stored");
@@ -98,20 +103,30 @@ impl CacheStatus {
             s.push_str("; collapsed");
         }
         if let Some(d) = self.detail {
-            let _ = write!(s, "; detail={d}");
+            s.push_str("; detail=");
+            s.push_str(d);
         }
         s
     }
 
-    /// Append this member to the response's `Cache-Status`.
+    /// Append this member to the response's `Cache-Status` (one lookup).
     pub fn apply(&self, headers: &mut HeaderMap) {
         let ours = self.render();
-        let value = match headers.get(&CACHE_STATUS).and_then(|v| v.to_str().ok()) {
-            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ours}"),
-            _ => ours,
-        };
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert(CACHE_STATUS, v);
+        match headers.entry(CACHE_STATUS) {
+            Entry::Occupied(mut e) => {
+                let value = match e.get().to_str() {
+                    Ok(prev) if !prev.trim().is_empty() => format!("{prev}, {ours}"),
+                    _ => ours,
+                };
+                if let Ok(v) = HeaderValue::try_from(value) {
+                    e.insert(v);
+                }
+            }
+            Entry::Vacant(e) => {
+                if let Ok(v) = HeaderValue::try_from(ours) {
+                    e.insert(v);
+                }
+            }
         }
     }
 }
@@ -134,5 +149,22 @@ mod tests {
         h.insert(CACHE_STATUS, HeaderValue::from_static("origin-cdn; hit"));
         CacheStatus::fwd(Fwd::Method).apply(&mut h);
         assert_eq!(h[CACHE_STATUS], "origin-cdn; hit, sluicegate; fwd=method");
+        let mut h = HeaderMap::new();
+        h.insert(CACHE_STATUS, HeaderValue::from_static(" "));
+        CacheStatus::hit(-3).apply(&mut h);
+        assert_eq!(h[CACHE_STATUS], "sluicegate; hit; ttl=-3");
+        let all = CacheStatus {
+            hit: false,
+            fwd: Some(Fwd::UriMiss),
+            fwd_status: Some(200),
+            ttl: Some(60),
+            stored: true,
+            collapsed: true,
+            detail: Some("too-big"),
+        };
+        assert_eq!(
+            all.render(),
+            "sluicegate; fwd=uri-miss; fwd-status=200; ttl=60; stored; collapsed; detail=too-big"
+        );
     }
 }

@@ -92,11 +92,19 @@ impl QuickHit {
         let BeforeRequest::Fresh(mut fresh) = policy.before_request(&plain, now) else {
             return None;
         };
-        fresh.headers.remove(header::AGE);
         match head.headers.get(header::DATE) {
             Some(d) => fresh.headers.insert(header::DATE, d.clone()),
             None => fresh.headers.remove(header::DATE),
         };
+        // Each hit clones this head and adds to it (`Age`, `Cache-Status`,
+        // `Via`). A clone keeps the hash index's size but not the entries'
+        // spare room, so: `Age` holds a slot to be overwritten, and the
+        // index has room for a few more names, so that adding them does not
+        // rebuild it on every hit.
+        fresh
+            .headers
+            .insert(header::AGE, HeaderValue::from_static("0"));
+        fresh.headers.reserve(8);
         Some(QuickHit {
             uri,
             host,
@@ -225,6 +233,17 @@ impl CachedResponse {
             Some(d) => head.headers.insert(header::DATE, d.clone()),
             None => head.headers.remove(header::DATE),
         };
+        self.respond_dated(head, method, status)
+    }
+
+    /// [`Self::respond`] with a `head` that carries the origin's `Date`
+    /// already (a quick hit's).
+    pub fn respond_dated(
+        &self,
+        mut head: http::response::Parts,
+        method: &Method,
+        status: CacheStatus,
+    ) -> Response<ProxyBody> {
         status.apply(&mut head.headers);
         let body = if *method == Method::HEAD {
             body::empty()
