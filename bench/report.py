@@ -448,7 +448,8 @@ class Report:
     # --- callgrind -------------------------------------------------------------------------------
     def callgrind(self, doc: dict) -> None:
         self.note_meta("callgrind", doc["meta"])
-        self.L.append(f"{doc['meta']['date']} · `valgrind --tool=callgrind`, plain proxy, one worker · "
+        self.L.append(f"{doc['meta']['date']} · `valgrind --tool=callgrind`, {doc.get('what', 'plain proxy')}, "
+                      "one worker · "
                       f"{doc['requests']:,} requests (`h2load --h1 -c50`) after a warm-up · user-space "
                       "instructions of the whole process per request; unlike time, the count repeats to "
                       "within half a percent from run to run\n")
@@ -669,11 +670,18 @@ def build(out: Path, doc_path: Path) -> str:
     L.append(PROFILE_READING)
 
     L.append("## Instructions per request\n")
+    L.append("### Plain proxy\n")
     cg = load(out / "callgrind" / "results.json")
     if cg:
         rep.callgrind(cg)
     else:
         rep.missing("callgrind", "bench/callgrind.py")
+    L.append("### Cache hit\n")
+    cg = load(out / "callgrind-cache" / "results.json")
+    if cg:
+        rep.callgrind(cg)
+    else:
+        rep.missing("callgrind-cache", "bench/callgrind.py --cache")
     L.append(CALLGRIND_READING)
 
     # Goals, at the top.

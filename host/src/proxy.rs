@@ -483,15 +483,23 @@ fn send_upstream<'a>(
     // Filters may have written framing or connection headers: what goes
     // upstream is framed by the body alone.
     protect::normalise_request_framing(&mut parts.headers, &body);
-    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    if let Some(h) = &host {
-        parts.headers.insert(header::HOST, h.clone());
-    }
+    // Room for the four names added below, at once: hyper sizes a parsed
+    // head's map for the fields it came with, and growing it name by name
+    // rebuilds its index more than once.
+    parts.headers.reserve(4);
+    let host = match parts.headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => {
+            let h = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            if let Some(h) = &h {
+                parts.headers.insert(header::HOST, h.clone());
+            }
+            h
+        }
+    };
     headers::add_forwarded(&mut parts.headers, from.0, from.1, host.as_ref());
     headers::add_via(&mut parts.headers, parts.version, via);
     if let Some(proto) = upgrade {

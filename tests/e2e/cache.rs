@@ -579,6 +579,16 @@ async fn cache_status_names_what_happened() {
         "{}",
         status(&r)
     );
+    // And on a hit, the stored upstream member is kept and ours follows
+    // it, once (the fast hit path and HEAD alike).
+    for method in [Method::GET, Method::HEAD] {
+        let hit = within(10, "hit", p.request(method, "/cs2", &[], Bytes::new())).await;
+        let s = status(&hit);
+        assert!(
+            s == "edge; hit, sluicegate; hit; ttl=60" || s == "edge; hit, sluicegate; hit; ttl=59",
+            "{s}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
