@@ -289,7 +289,11 @@ fn check_field_line(line: &[u8]) -> Result<(&[u8], &[u8]), Reason> {
     if matches!(line.first(), Some(b' ' | b'\t')) {
         return Err("obs_fold");
     }
-    let colon = memchr::memchr(b':', line).ok_or("bad_header_name")?;
+    // Names are short: a plain search beats memchr's setup.
+    let colon = line
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or("bad_header_name")?;
     let name = &line[..colon];
     if name.is_empty() || !name.iter().all(|&b| tchar(b)) {
         return Err("bad_header_name");
@@ -314,30 +318,47 @@ fn trim_ows(mut v: &[u8]) -> &[u8] {
 /// Check one whole head; its body framing. `Err(None)`: too many header
 /// fields (hyper's `431`); `Err(Some(reason))`: refuse with `400`.
 fn check_head(head: &[u8], max_headers: usize) -> Result<Framing, Option<Reason>> {
+    // A bare CR or LF or a NUL is refused under its own name, before any
+    // other fault: so any refusal first looks for one (`line_ending_fault`).
+    // The usual head has none, and need not be scanned for them apart from
+    // its lines: every byte of a line is checked below against a set that
+    // excludes CR, LF and NUL, and every line must end with CRLF.
+    check_lines(head, max_headers).map_err(|e| line_ending_fault(head).map(Some).unwrap_or(e))
+}
+
+/// The first bare CR, bare LF or NUL in `head`, if any.
+fn line_ending_fault(head: &[u8]) -> Option<Reason> {
     for i in memchr::memchr3_iter(b'\r', b'\n', 0, head) {
         match head[i] {
-            b'\r' if head.get(i + 1) != Some(&b'\n') => return Err(Some("bare_cr")),
-            b'\n' if i == 0 || head[i - 1] != b'\r' => return Err(Some("bare_lf")),
-            0 => return Err(Some("nul_byte")),
+            b'\r' if head.get(i + 1) != Some(&b'\n') => return Some("bare_cr"),
+            b'\n' if i == 0 || head[i - 1] != b'\r' => return Some("bare_lf"),
+            0 => return Some("nul_byte"),
             _ => {}
         }
     }
-    // Every line ends with CRLF now; drop the final blank line.
-    let body = &head[..head.len() - 4];
+    None
+}
+
+/// [`check_head`] line by line: a line not ended by CRLF, or holding a CR,
+/// LF or NUL anywhere, is refused (by one of the checks below).
+fn check_lines(head: &[u8], max_headers: usize) -> Result<Framing, Option<Reason>> {
+    // Drop the final blank line: every line left ends with CRLF.
+    if !head.ends_with(b"\r\n\r\n") {
+        return Err(Some("bad_line_ending"));
+    }
+    let body = &head[..head.len() - 2];
     let mut start = 0;
-    let mut lines = memchr::memchr_iter(b'\n', body)
-        .chain(std::iter::once(body.len()))
-        .map(|end| {
-            let line = &body[start..end];
-            start = end + 1;
-            line.strip_suffix(b"\r").unwrap_or(line)
-        });
-    let request_line = lines.next().ok_or(Some("bad_request_line"))?;
+    let mut lines = memchr::memchr_iter(b'\n', body).map(|end| {
+        let line = &body[start..end];
+        start = end + 1;
+        line.strip_suffix(b"\r").ok_or(Some("bad_line_ending"))
+    });
+    let request_line = lines.next().ok_or(Some("bad_request_line"))??;
     let (method, http10) = check_request_line(request_line).map_err(Some)?;
     let (mut lengths, mut encodings, mut hosts, mut count) = (Vec::new(), 0usize, 0usize, 0usize);
     let (mut chunked, mut upgrade, mut conn_upgrade) = (false, false, false);
     for line in lines {
-        let (name, value) = check_field_line(line).map_err(Some)?;
+        let (name, value) = check_field_line(line?).map_err(Some)?;
         count += 1;
         if count > max_headers {
             return Err(None);
@@ -499,6 +520,45 @@ mod tests {
             check_head(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", 1),
             Err(None)
         );
+    }
+
+    /// `check_head` names a bare CR, bare LF or NUL only when the line
+    /// checks refuse the head; so every head holding one must be refused by
+    /// them. Tried with each of those bytes put in, and put over, every
+    /// position of heads of each framing.
+    #[test]
+    fn every_line_ending_fault_is_refused_by_the_line_checks() {
+        let heads: &[&[u8]] = &[
+            b"GET /a?b=c HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n",
+            b"POST /x HTTP/1.0\r\nHost: a\r\nContent-Length: 12\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX:  v \t\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"CONNECT a:443 HTTP/1.1\r\n\r\n",
+        ];
+        let mut tried = 0;
+        for head in heads {
+            assert!(check_head(head, 100).is_ok());
+            for i in 0..head.len() {
+                for b in [b'\r', b'\n', 0] {
+                    let mut inserted = head.to_vec();
+                    inserted.insert(i, b);
+                    let mut replaced = head.to_vec();
+                    replaced[i] = b;
+                    for h in [inserted, replaced] {
+                        if let Some(reason) = line_ending_fault(&h) {
+                            tried += 1;
+                            assert!(
+                                check_lines(&h, 100).is_err(),
+                                "{:?}",
+                                String::from_utf8_lossy(&h)
+                            );
+                            assert_eq!(check_head(&h, 100), Err(Some(reason)));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(tried > 500, "{tried}");
     }
 
     #[test]
