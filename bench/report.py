@@ -534,6 +534,29 @@ it lowered it. Before this round the plain proxy cost **51,908 instructions per 
 What remains is mostly hyper's two dispatchers (parsing and writing both sides), the header map's
 hashing, and tokio's readiness and timer bookkeeping: no single item of Sluicegate's own code is
 above 3% any more.
+
+**Second round** (2026-11-30, later; `callgrind.py --cache` added to count cache hits). A cache hit
+cost **25,611** instructions, now **19,383 (−24%)**; the plain proxy went from 42,750 to 39,887
+(−6.7%):
+
+- **Hits without a future.** A hit went down the whole asynchronous cache path: a boxed future
+  (1.5 KB copied into it), an origin object made and dropped, the key copied into an `Arc<str>`.
+  `HttpCache::try_hit` now finds and answers a fresh hit synchronously, before any of that; a miss
+  takes the old path (and looks the key up once more).
+- **Header maps that grew on every hit.** A clone of a `HeaderMap` keeps the size of its hash index
+  but not its entries' spare room, so each field a hit added (`Age`, `Cache-Status`, `Via`) grew it
+  and at times rebuilt the index: about 600 instructions a field. The stored quick head now holds an
+  `Age` slot to overwrite and index room for the rest. Likewise a forwarded request gets room for
+  its four added names (`X-Forwarded-*`, `Via`) at once, not one growth at a time.
+- **hyper's header-read timer.** With a timer configured, hyper makes, registers and drops a boxed
+  `Sleep` for every request head (30 s by default). The strict reader already keeps `header_read_ms`
+  for a head that arrives in pieces, arming its deadline only then, and idle connections are parked
+  and closed by their own timer; hyper's is now off (the slowloris test still passes).
+- **Smaller**: `Cache-Status` is rendered with `itoa` and set through one map entry; each
+  connection's idle timer is polled only when due or when the task's waker changed (as the parking
+  timer already was); the request's host is borrowed, not copied; and the strict reader's separate
+  CR/LF/NUL pass now runs only to name the fault of a head already refused (its line checks
+  exclude those bytes; a unit test puts each of them at every position of five heads).
 """
 
 PROFILE_READING = """**Reading** (profile and CPU accounting of 2026-11-30 09:20; `/proc/PID/stat` before and after 4 s
