@@ -12,7 +12,7 @@
 #   cache     cache hits vs nginx proxy_cache (bench/cache_bench.py via run.sh --cache), if present
 #   languages per-language filter cost (bench/languages.py), if present
 #   profile   perf profile of the plain proxy (bench/perf_profile.py)
-#   callgrind instructions per request of the plain proxy and of a cache hit (bench/callgrind.py)
+#   callgrind instructions per request: plain proxy, cache hit, one filter (bench/callgrind.py)
 # then bench/report.py writes docs/benchmarks.md from whatever succeeded.
 #
 # Each scenario has a time limit and a failure does not stop the others; bench/out/all-status.tsv
@@ -140,7 +140,7 @@ else
     skip profile "perf not installable (Debian linux-perf)"
 fi
 
-# 7b. Instructions per request of the plain proxy and of a cache hit (callgrind: deterministic,
+# 7b. Instructions per request: plain proxy, cache hit, one filter (callgrind: deterministic,
 #     unlike time).
 if ! command -v valgrind >/dev/null; then
     log "installing valgrind"
@@ -150,9 +150,11 @@ fi
 if command -v valgrind >/dev/null; then
     step callgrind 900 python3 "$BENCH/callgrind.py"
     step callgrind-cache 900 python3 "$BENCH/callgrind.py" --cache
+    step callgrind-filter 900 python3 "$BENCH/callgrind.py" --filter
 else
     skip callgrind "valgrind not installable (Debian valgrind)"
     skip callgrind-cache "valgrind not installable (Debian valgrind)"
+    skip callgrind-filter "valgrind not installable (Debian valgrind)"
 fi
 
 # 8. The report.

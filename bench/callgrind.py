@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Count the instructions Sluicegate's worker spends per proxied request, with callgrind.
 
-    python3 bench/callgrind.py [--requests 10000] [--sluicegate PATH] [--cache]
+    python3 bench/callgrind.py [--requests 10000] [--sluicegate PATH] [--cache | --filter]
 
 Timings on two shared cores move by 10% between runs; instruction counts do not. This starts
 bench.py's nginx backend and Sluicegate (one worker, one route, no filters) under
@@ -9,12 +9,13 @@ bench.py's nginx backend and Sluicegate (one worker, one route, no filters) unde
 the counters, proxies exactly --requests requests, and dumps. The figure is user-space
 instructions (Ir) of the whole process divided by the requests: kernel work (the syscalls) is
 not in it, and neither is the backend's. Needs `valgrind` (Debian) and `h2load`
-(nghttp2-client). Filters are not measured this way: wasmtime's pooling allocator reserves
-terabytes of address space, which valgrind refuses (`sluicegate filter bench` times a filter
-in-process instead).
+(nghttp2-client). With --filter, the route runs bench.py's add-header filter; wasmtime's pooling
+allocator reserves terabytes of address space, which valgrind refuses, so the proxy then runs with
+SLUICEGATE_WASM_ON_DEMAND set (the on-demand allocator; same limits, a profiling switch only).
 
 With --cache, the backend and the proxy are cache_bench.py's (`cache = true`, `max-age=3600`) and
-the count is of cache hits. Writes bench/out/callgrind/ (bench/out/callgrind-cache/ with --cache): callgrind.out (open it with callgrind_annotate or kcachegrind),
+the count is of cache hits. Writes bench/out/callgrind/ (callgrind-cache/ with --cache,
+callgrind-filter/ with --filter): callgrind.out (open it with callgrind_annotate or kcachegrind),
 results.json and results.md (Ir per request, the top functions by self and by inclusive cost).
 """
 
@@ -72,10 +73,17 @@ def main() -> int:
     ap.add_argument("--sluicegate", default=str(S.ROOT / "target/release/sluicegate"))
     ap.add_argument("--cache", action="store_true",
                     help="count cache hits (cache_bench.py's config: `cache = true`, a cacheable backend)")
+    ap.add_argument("--filter", action="store_true",
+                    help="count requests through the add-header filter (bench.py's filtered config; the "
+                         "proxy runs with SLUICEGATE_WASM_ON_DEMAND, as valgrind refuses the pooling allocator)")
+    ap.add_argument("--add-header-wasm", default=str(S.ROOT / "target/filters/add-header.wasm"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.cache and args.filter:
+        raise B.BenchError("--cache and --filter are separate scenarios")
     if args.out is None:
-        args.out = str(S.BENCH / "out" / ("callgrind-cache" if args.cache else "callgrind"))
+        args.out = str(S.BENCH / "out" / ("callgrind-cache" if args.cache else
+                                          "callgrind-filter" if args.filter else "callgrind"))
     for tool, pkg in (("valgrind", "valgrind"), ("callgrind_control", "valgrind"), ("h2load", "nghttp2-client")):
         if not shutil.which(tool):
             raise B.BenchError(f"{tool} not found: apt-get install {pkg}")
@@ -89,7 +97,8 @@ def main() -> int:
     # The proxy runs under valgrind through a wrapper, so the usual start-up (and its readiness
     # check) is unchanged; only the first dump (after the counters were zeroed) is kept.
     wrapper = work / "sluicegate-under-callgrind"
-    wrapper.write_text("#!/bin/sh\nexec valgrind --tool=callgrind --dump-instr=no "
+    env = "SLUICEGATE_WASM_ON_DEMAND=1 " if args.filter else ""
+    wrapper.write_text(f"#!/bin/sh\n{env}exec valgrind --tool=callgrind --dump-instr=no "
                        f"--callgrind-out-file={work}/callgrind.%p {exe} \"$@\"\n")
     wrapper.chmod(0o755)
 
@@ -107,8 +116,17 @@ def main() -> int:
         toml = C.sluicegate_conf(port, admin, backend)
     else:
         S.start_backend(procs, work, backend)
-        toml = S.sluicegate_toml(port, admin, backend, None)
+        filter_dir = None
+        if args.filter:
+            wasm = Path(args.add_header_wasm)
+            if not wasm.is_file():
+                raise B.BenchError(f"{wasm} missing: bench/run.sh builds it (scripts/build-filters.sh)")
+            filter_dir = work / "filters"
+            filter_dir.mkdir()
+            shutil.copy2(wasm, filter_dir / "add-header.wasm")
+        toml = S.sluicegate_toml(port, admin, backend, filter_dir)
     t = S.start_sluicegate(procs, work, "sluicegate", "sluicegate", port, wrapper, toml, timeout=180)
+    t.filtered = args.filter
     B.verify(t)
     pid = t.procs[0].pid
     h2load(t.url, args.warmup)
@@ -136,8 +154,9 @@ def main() -> int:
     by_self = [r for r in annotate(data, inclusive=False) if r[0] < ir / 2]
     by_incl = [r for r in annotate(data, inclusive=True)
                if "sluicegate::" in r[1] and r[0] < ir * 0.6 and not r[1].startswith(("std/", "core/", "alloc/"))]
-    what = "cache hit" if args.cache else "plain proxy"
-    doc = {"scenario": "callgrind-cache" if args.cache else "callgrind", "what": what,
+    what = "cache hit" if args.cache else "one filter (add-header)" if args.filter else "plain proxy"
+    scenario = "callgrind-cache" if args.cache else "callgrind-filter" if args.filter else "callgrind"
+    doc = {"scenario": scenario, "what": what,
            "meta": S.meta(exe, B.cpu_busy(0.5), requests=args.requests),
            "requests": args.requests, "ir_total": ir, "ir_per_request": round(per_request),
            "h2load": load, "seconds_under_valgrind": round(seconds, 1),

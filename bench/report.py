@@ -576,18 +576,23 @@ of `wrk -t1 -c50`, Sluicegate and nginx alternated in the same minutes):
 - **Cache hits** keep the policy's hit head, worked out when an entry is stored, for requests
   without cache directives of their own (`docs/cache.md`, "Quick hits"): 9.0 → 4.6–5.1 µs user per
   hit; cache hits are now level with or a little above nginx `proxy_cache` (1.00× then 1.07×).
-- **What a filter costs.** `sluicegate filter bench` times the add-header filter's two calls at
-  1.9–2.3 µs per request in a loop, and in the proxy the filter's own code (wasmtime's component
-  calls, the guest, `sluicegate::filter`) is 7.8% of the filtered process's samples, about 2.3 µs.
-  Yet the filtered proxy spends 14.0–16.1 µs user + 13.0–13.5 µs kernel per request against
-  9.1–9.5 + 10.5–11.0 without the filter (and the same with the filter runtime loaded but no filter
-  on the route: the epoch ticker is not it). The rest of the request runs colder after two trips
-  through wasmtime (its trampolines, instance state and tables evict hyper's and tokio's working
-  set), and a slower proxy wakes wrk and the backend more often. That is why the 1-filter ratio
-  fell from 0.82–0.85 to 0.73 as the plain path got faster: the filter's absolute cost did not
-  grow (1.85–1.88× Envoy+Wasm in two runs, was 1.70–1.77). Closing it means fewer crossings per request (the host
-  already skips the phases a filter does not ask for; fixed header edits could be declared at
-  `init` and applied natively), not faster host code.
+- **What a filter costs** (corrected the same afternoon, once `bench/callgrind.py --filter` could
+  count it). A request through the add-header filter costs **58,425 instructions against 39,957**
+  without it: +18,500, nearly half as much again, so the filter's cost is mostly instructions, not
+  (as this page said before, from perf's sample shares) a colder cache. 13,000 of them are the
+  filter's two calls: per call about 3,200 run the guest and its `set-header` import, ~900 go to
+  wasmtime 48 re-deriving the export's function reference (`lifted_core_func` → `lookup_vmdef`,
+  every call), ~350 to `post_return`, ~500 to lowering and lifting the arguments and result, and the
+  rest to our own wrapper (instance pool, deadline, heads lent and taken back). The other ~5,000 are
+  the chain, the copy of the request head kept for the response phase and the boxed response phase.
+  `sluicegate filter bench` (2.0–2.2 µs per request) times the calls alone, so it agrees with the
+  first part. The heads used to be lent through wasmtime's resource table (a box, a move and a
+  downcast per host call); they now wait in two slots of the store's state (`host_api::Lent`):
+  −1,155 instructions per filtered request. The 1-filter ratio fell from 0.82–0.85 to 0.73 as the
+  plain path got faster because this cost did not shrink with it. Closing it means fewer crossings
+  per request (the host already skips the phases a filter does not ask for; fixed header edits
+  could be declared at `init` and applied natively) and a wasmtime whose typed calls keep their
+  function reference.
 - **Noise**: the machine's two cores are shared; nginx alone varied 51–80k req/s between runs that
   day. The plain-proxy ratio was 0.71 (per-round median) in the full run at 08:50 and 0.80 in the
   main scenario re-run at 09:40 with Sluicegate at the same 46.9k req/s and nginx lower: take it as
@@ -705,6 +710,12 @@ def build(out: Path, doc_path: Path) -> str:
         rep.callgrind(cg)
     else:
         rep.missing("callgrind-cache", "bench/callgrind.py --cache")
+    L.append("### One filter (add-header)\n")
+    cg = load(out / "callgrind-filter" / "results.json")
+    if cg:
+        rep.callgrind(cg)
+    else:
+        rep.missing("callgrind-filter", "bench/callgrind.py --filter")
     L.append(CALLGRIND_READING)
 
     # Goals, at the top.

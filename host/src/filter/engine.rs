@@ -32,6 +32,22 @@ pub struct FilterEngine {
     sync_cache: bool,
 }
 
+/// The pooling allocator, or (`SLUICEGATE_WASM_ON_DEMAND` set, for
+/// profiling only) wasmtime's on-demand one: the pool reserves terabytes of
+/// address space up front, which valgrind refuses, so `bench/callgrind.py
+/// --filter` runs the proxy with this set. Limits are the same either way
+/// (the memory cap is the store's limiter, the CPU deadline the epoch).
+fn allocation_strategy(pool: PoolingAllocationConfig) -> InstanceAllocationStrategy {
+    if std::env::var_os("SLUICEGATE_WASM_ON_DEMAND").is_some() {
+        tracing::warn!(
+            "SLUICEGATE_WASM_ON_DEMAND is set: filters use the on-demand allocator (for profiling)"
+        );
+        InstanceAllocationStrategy::OnDemand
+    } else {
+        InstanceAllocationStrategy::Pooling(pool)
+    }
+}
+
 impl FilterEngine {
     /// Build the engine and start its epoch ticker thread.
     pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<FilterEngine> {
@@ -52,7 +68,7 @@ impl FilterEngine {
             .epoch_interruption(true)
             .memory_init_cow(true)
             .wasm_component_model(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            .allocation_strategy(allocation_strategy(pool));
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("creating the wasmtime engine")?;

@@ -66,8 +66,12 @@ impl FilterContext {
 
 /// The data of one filter instance's store.
 pub struct HostState {
-    /// Resources handed to the guest (the heads, for one call at a time).
+    /// WASI's resources.
     pub table: ResourceTable,
+    /// The heads lent to the call in progress (a store makes one call at a
+    /// time); the guest holds `borrow` handles to them (see [`Lent`]).
+    lent_request: Option<RequestHead>,
+    lent_response: Option<ResponseHead>,
     /// An empty WASI context: no preopens, no env, no sockets, no stdin;
     /// stdout and stderr go to the proxy's log (see `stdio`).
     wasi: WasiCtx,
@@ -82,6 +86,8 @@ impl HostState {
     pub fn new(ctx: Arc<FilterContext>, memory_cap: usize) -> HostState {
         HostState {
             table: ResourceTable::new(),
+            lent_request: None,
+            lent_response: None,
             wasi: WasiCtx::builder()
                 .stdout(LogStdio::new(ctx.name.clone(), Stdio::Stdout))
                 .stderr(LogStdio::new(ctx.name.clone(), Stdio::Stderr))
@@ -209,18 +215,69 @@ fn remove(headers: &mut HeaderMap, name: &str) {
 
 type Wr<T> = wasmtime::Result<T>;
 
+/// A head the host lends to one guest call: it waits in its own slot of
+/// the store's state, not in the resource table, and the guest's `borrow`
+/// handle carries a fixed rep. Handles are the component model's: the guest
+/// cannot forge one, nor keep a borrow past the call; between calls the
+/// slots are empty and any use fails. (The table boxed each head and
+/// downcast it at every host call, a tenth of a filter call's host side.)
+pub trait Lent: Sized + 'static {
+    /// The rep of the handle the guest is given.
+    const REP: u32;
+    /// Where the lent value waits.
+    fn slot(state: &mut HostState) -> &mut Option<Self>;
+    /// The lent value, if `r` names it.
+    fn get<'a>(state: &'a HostState, r: &Resource<Self>) -> Wr<&'a Self>;
+}
+
+impl Lent for RequestHead {
+    const REP: u32 = 1;
+    fn slot(state: &mut HostState) -> &mut Option<Self> {
+        &mut state.lent_request
+    }
+    fn get<'a>(state: &'a HostState, r: &Resource<Self>) -> Wr<&'a Self> {
+        match &state.lent_request {
+            Some(head) if r.rep() == Self::REP => Ok(head),
+            _ => Err(wasmtime::format_err!(
+                "no request head is lent to this call"
+            )),
+        }
+    }
+}
+
+impl Lent for ResponseHead {
+    const REP: u32 = 2;
+    fn slot(state: &mut HostState) -> &mut Option<Self> {
+        &mut state.lent_response
+    }
+    fn get<'a>(state: &'a HostState, r: &Resource<Self>) -> Wr<&'a Self> {
+        match &state.lent_response {
+            Some(head) if r.rep() == Self::REP => Ok(head),
+            _ => Err(wasmtime::format_err!(
+                "no response head is lent to this call"
+            )),
+        }
+    }
+}
+
 impl HostState {
     fn req(&self, r: &Resource<RequestHead>) -> Wr<&RequestHead> {
-        Ok(self.table.get(r)?)
+        RequestHead::get(self, r)
     }
     fn req_mut(&mut self, r: &Resource<RequestHead>) -> Wr<&mut RequestHead> {
-        Ok(self.table.get_mut(r)?)
+        RequestHead::get(self, r)?;
+        RequestHead::slot(self)
+            .as_mut()
+            .ok_or_else(|| wasmtime::format_err!("no request head is lent to this call"))
     }
     fn resp(&self, r: &Resource<ResponseHead>) -> Wr<&ResponseHead> {
-        Ok(self.table.get(r)?)
+        ResponseHead::get(self, r)
     }
     fn resp_mut(&mut self, r: &Resource<ResponseHead>) -> Wr<&mut ResponseHead> {
-        Ok(self.table.get_mut(r)?)
+        ResponseHead::get(self, r)?;
+        ResponseHead::slot(self)
+            .as_mut()
+            .ok_or_else(|| wasmtime::format_err!("no response head is lent to this call"))
     }
 }
 
@@ -301,9 +358,8 @@ impl types::HostRequestHead for HostState {
         remove(&mut self.req_mut(&r)?.parts.headers, &name);
         Ok(())
     }
-    fn drop(&mut self, r: Resource<RequestHead>) -> Wr<()> {
-        // Heads are only ever lent to the guest; the host takes them back.
-        let _ = self.table.delete(r);
+    fn drop(&mut self, _r: Resource<RequestHead>) -> Wr<()> {
+        // Heads are only ever lent (borrowed); the host takes them back.
         Ok(())
     }
 }
@@ -350,8 +406,7 @@ impl types::HostResponseHead for HostState {
         remove(&mut self.resp_mut(&r)?.parts.headers, &name);
         Ok(())
     }
-    fn drop(&mut self, r: Resource<ResponseHead>) -> Wr<()> {
-        let _ = self.table.delete(r);
+    fn drop(&mut self, _r: Resource<ResponseHead>) -> Wr<()> {
         Ok(())
     }
 }

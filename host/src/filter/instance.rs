@@ -15,7 +15,9 @@ use super::bindings::sluicegate::filter::types::{
 };
 use super::bindings::{Filter, FilterPre};
 use super::engine::FilterEngine;
-use super::host_api::{FilterContext, HostState, RequestHead, ResponseHead, MEMORY_CAP_ERROR};
+use super::host_api::{
+    FilterContext, HostState, Lent, RequestHead, ResponseHead, MEMORY_CAP_ERROR,
+};
 use super::stats::FilterStats;
 use crate::config::{FilterPolicy, Isolation};
 
@@ -337,15 +339,16 @@ impl FilterVersion {
     }
 }
 
-/// Move a head from `slot` into the store's resource table.
-fn lend<T: Send + 'static>(
+/// Lend the head in `slot` to the call about to run (see [`Lent`]).
+fn lend<T: Lent>(
     store: &mut Store<HostState>,
     slot: &mut Option<T>,
 ) -> wasmtime::Result<Resource<T>> {
     let value = slot
         .take()
         .ok_or_else(|| wasmtime::format_err!("head already lent"))?;
-    Ok(store.data_mut().table.push(value)?)
+    *T::slot(store.data_mut()) = Some(value);
+    Ok(Resource::new_borrow(T::REP))
 }
 
 /// A borrow handle to pass a lent head as `borrow<..>`.
@@ -353,14 +356,17 @@ fn borrow<T: 'static>(res: &Resource<T>) -> Resource<T> {
     Resource::new_borrow(res.rep())
 }
 
-/// Move a lent head back out of the table into `slot`.
-fn take_back<T: 'static>(
+/// Move a lent head back out of the store into `slot`.
+fn take_back<T: Lent>(
     store: &mut Store<HostState>,
-    res: Resource<T>,
+    _res: Resource<T>,
     slot: &mut Option<T>,
 ) -> wasmtime::Result<()> {
-    *slot = Some(store.data_mut().table.delete(res)?);
-    Ok(())
+    *slot = T::slot(store.data_mut()).take();
+    match slot {
+        Some(_) => Ok(()),
+        None => Err(wasmtime::format_err!("lent head missing")),
+    }
 }
 
 /// The head must come back even when the call failed. If a trap struck
