@@ -110,9 +110,7 @@ impl HttpCache {
         if !body_empty || parts.headers.contains_key(header::RANGE) {
             return None;
         }
-        key::strip_unkeyed_overrides(&mut parts.headers);
-        let key = key::primary_key(cr.scheme, parts)?;
-        key::origin_form(parts);
+        let key = prepare(cr.scheme, parts)?;
         // A HEAD is looked up as the GET it mirrors (see `lookup`).
         let found = if head {
             parts.method = Method::GET;
@@ -137,12 +135,10 @@ impl HttpCache {
         mut parts: http::request::Parts,
         origin: MakeOrigin<'_>,
     ) -> Response<ProxyBody> {
-        key::strip_unkeyed_overrides(&mut parts.headers);
-        let Some(key) = key::primary_key(cr.scheme, &parts) else {
+        let Some(key) = prepare(cr.scheme, &mut parts) else {
             let req = Request::from_parts(parts, body::empty());
             return pass(origin().fetch(req).await, cr, CacheStatus::fwd(Fwd::Bypass));
         };
-        key::origin_form(&mut parts);
         let key: Arc<str> = Arc::from(key);
         // Entries are GET responses; a HEAD is looked up as the GET it
         // mirrors and answered with the head only.
@@ -336,6 +332,15 @@ impl HttpCache {
         }
         pass(result, cr, CacheStatus::fwd(Fwd::Method))
     }
+}
+
+/// Ready a GET or HEAD for the store: its unkeyed overrides removed, its
+/// primary key (`None` without a host), its URI in origin form.
+fn prepare(scheme: &str, parts: &mut http::request::Parts) -> Option<String> {
+    key::strip_unkeyed_overrides(&mut parts.headers);
+    let key = key::primary_key(scheme, parts)?;
+    key::origin_form(parts);
+    Some(key)
 }
 
 /// A fresh variant found for a request.
