@@ -44,8 +44,8 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     /// Routes in match order.
     pub routes: RouteTable,
-    /// Upstreams by name.
-    /// By name (names come from the operator's config: FxHash, no DoS-resistant hasher needed).
+    /// Upstreams by name (names come from the operator's config, so FxHash:
+    /// no DoS-resistant hasher needed).
     pub upstreams: rustc_hash::FxHashMap<Arc<str>, Arc<Upstream>>,
     /// The HTTP cache (its store outlives reloads that keep its bounds).
     pub cache: Arc<HttpCache>,
@@ -272,7 +272,7 @@ impl Proxy {
             .and_then(|r| r.cache_rule(&snap.config.cache));
         // A fresh hit is answered here, without a future; its stored head
         // has no hop-by-hop fields to remove.
-        let mut stored = false;
+        let mut from_store = false;
         let resp = match cache_rule {
             Some(rule) if upgrade.is_none() => {
                 let cr = CacheRequest {
@@ -283,7 +283,7 @@ impl Proxy {
                 let body_empty = http_body::Body::is_end_stream(&req_body);
                 match snap.cache.try_hit(&cr, &mut parts, body_empty) {
                     Some(hit) => {
-                        stored = true;
+                        from_store = true;
                         Ok(hit)
                     }
                     // Boxed: the cache path's future is twice the plain
@@ -315,7 +315,7 @@ impl Proxy {
             (Err(_), _) if verdict.broken() => protect::bad_body(version),
             (Ok(resp), _) => {
                 let (mut parts, b) = resp.into_parts();
-                if !stored {
+                if !from_store {
                     headers::remove_hop_by_hop(&mut parts.headers);
                 }
                 let is_endpoint = |authority: &str| {
