@@ -25,5 +25,6 @@ pub mod reload;
 pub mod route;
 pub mod server;
 pub mod status;
+pub mod ticker;
 pub mod tls;
 pub mod upstream;

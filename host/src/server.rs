@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -28,6 +28,7 @@ use crate::protect::{
     h1::{ParkSlot, Parkable, StrictH1},
 };
 use crate::proxy::{ConnInfo, Proxy};
+use crate::ticker::Ticker;
 
 /// Bind a listening socket (SO_REUSEADDR and SO_REUSEPORT, so each worker
 /// has its own; a deep backlog), ready for a tokio runtime to adopt.
@@ -324,16 +325,13 @@ impl Drop for InFlight {
 /// `idle` after its last byte, and the clock is read once per tick.
 struct IdleTimeout {
     inner: TcpStream,
-    tick: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    timer: Ticker,
     /// Reads and writes that moved bytes.
     activity: u64,
     /// `activity` at the last tick, and quiet ticks since.
     seen: u64,
     quiet: u32,
     inflight: Arc<AtomicUsize>,
-    /// The waker `timer` was last polled with; `None` until then.
-    registered: Option<Waker>,
 }
 
 /// Quiet ticks that make a connection idle.
@@ -344,13 +342,11 @@ impl IdleTimeout {
         let tick = (idle / IDLE_TICKS).max(Duration::from_millis(1));
         IdleTimeout {
             inner,
-            tick,
-            timer: Box::pin(tokio::time::sleep(tick)),
+            timer: Ticker::new(tick),
             activity: 0,
             seen: 0,
             quiet: 0,
             inflight,
-            registered: None,
         }
     }
 
@@ -362,31 +358,24 @@ impl IdleTimeout {
     /// Has the connection been quiet for `IDLE_TICKS` ticks? Re-arms the
     /// timer otherwise.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        // Called at every read that would block. While the timer has not
-        // fired and the task is the same, it already holds this waker:
-        // polling it again would only re-register it.
-        if let Some(w) = &self.registered {
-            if w.will_wake(cx.waker()) && !self.timer.is_elapsed() {
-                return false;
-            }
-        }
-        while self.timer.as_mut().poll(cx).is_ready() {
-            if self.activity != self.seen || self.inflight.load(Ordering::Relaxed) > 0 {
-                self.seen = self.activity;
-                self.quiet = 0;
+        let IdleTimeout {
+            timer,
+            activity,
+            seen,
+            quiet,
+            inflight,
+            ..
+        } = self;
+        timer.poll_ticks(cx, || {
+            if *activity != *seen || inflight.load(Ordering::Relaxed) > 0 {
+                *seen = *activity;
+                *quiet = 0;
+                false
             } else {
-                self.quiet += 1;
-                if self.quiet >= IDLE_TICKS {
-                    return true;
-                }
+                *quiet += 1;
+                *quiet >= IDLE_TICKS
             }
-            // From now, not from the deadline: ticks that fall due while
-            // the connection is parked or the worker is busy count once.
-            let next = tokio::time::Instant::now() + self.tick;
-            self.timer.as_mut().reset(next);
-        }
-        self.registered = Some(cx.waker().clone());
-        false
+        })
     }
 }
 

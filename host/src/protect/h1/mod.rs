@@ -39,7 +39,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -48,6 +48,8 @@ use tokio::time::Sleep;
 
 pub use framing::Reason;
 use framing::{Framer, Rejection, State};
+
+use crate::ticker::Ticker;
 
 /// How much room a read into the inbox asks for.
 const READ_CHUNK: usize = 16 * 1024;
@@ -74,10 +76,7 @@ struct Park {
     after: Duration,
     /// Requests in flight on this connection, until their response bodies end.
     inflight: Arc<AtomicUsize>,
-    timer: Option<Pin<Box<Sleep>>>,
-    /// The waker `timer` was last polled with (it wakes that one when it
-    /// fires); `None` until it has been polled.
-    registered: Option<Waker>,
+    timer: Option<Ticker>,
     /// Reads that brought bytes, and their count when the timer was armed:
     /// no clock is read on the data path.
     reads: u64,
@@ -92,36 +91,28 @@ impl Park {
     /// Called while at rest (a request boundary, nothing buffered): has the
     /// connection been quiet for the whole time? About `after` to twice it.
     fn due(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.timer.is_none() {
-            self.armed_at = self.reads;
-            self.timer = Some(Box::pin(tokio::time::sleep(self.after)));
-            self.registered = None;
-        }
-        let Some(timer) = self.timer.as_mut() else {
-            return false;
-        };
-        // This runs at every request boundary. While the timer has not
-        // fired and the task is the same, it already holds this waker:
-        // polling it again would only re-register it (most of the cost).
-        if let Some(w) = &self.registered {
-            if w.will_wake(cx.waker()) && !timer.is_elapsed() {
-                return false;
-            }
-        }
-        while timer.as_mut().poll(cx).is_ready() {
-            if self.reads == self.armed_at
-                && self.flushed
-                && self.inflight.load(Ordering::Acquire) == 0
-            {
+        let Park {
+            after,
+            inflight,
+            timer,
+            reads,
+            armed_at,
+            flushed,
+            ..
+        } = self;
+        // This runs at every request boundary: the ticker is polled only
+        // when it has fired (see `Ticker`).
+        let timer = timer.get_or_insert_with(|| {
+            *armed_at = *reads;
+            Ticker::new(*after)
+        });
+        timer.poll_ticks(cx, || {
+            if *reads == *armed_at && *flushed && inflight.load(Ordering::Acquire) == 0 {
                 return true;
             }
-            self.armed_at = self.reads;
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + self.after);
-        }
-        self.registered = Some(cx.waker().clone());
-        false
+            *armed_at = *reads;
+            false
+        })
     }
 }
 
@@ -156,7 +147,6 @@ impl<T> StrictH1<T> {
             after,
             inflight,
             timer: None,
-            registered: None,
             reads: 0,
             armed_at: 0,
             flushed: true,
