@@ -1106,9 +1106,14 @@ def render_md(doc: dict) -> str:
     return "\n".join(L)
 
 
-if __name__ == "__main__":
+def run(main_fn) -> None:
+    """Every bench script's entry: exit with main's code, or 1 after `FAILED: <why>`."""
     try:
-        sys.exit(main())
+        sys.exit(main_fn())
     except BenchError as e:
         log("FAILED: " + str(e))
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run(main)

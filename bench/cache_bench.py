@@ -233,8 +233,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except B.BenchError as e:
-        B.log(f"FAILED: {e}")
-        sys.exit(1)
+    B.run(main)

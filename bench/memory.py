@@ -344,8 +344,4 @@ def render_md(doc: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except B.BenchError as e:
-        B.log("FAILED: " + str(e))
-        sys.exit(1)
+    B.run(main)

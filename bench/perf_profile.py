@@ -123,8 +123,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except B.BenchError as e:
-        B.log("FAILED: " + str(e))
-        sys.exit(1)
+    B.run(main)

@@ -698,24 +698,14 @@ def build(out: Path, doc_path: Path) -> str:
     L.append(PROFILE_READING)
 
     L.append("## Instructions per request\n")
-    L.append("### Plain proxy\n")
-    cg = load(out / "callgrind" / "results.json")
-    if cg:
-        rep.callgrind(cg)
-    else:
-        rep.missing("callgrind", "bench/callgrind.py")
-    L.append("### Cache hit\n")
-    cg = load(out / "callgrind-cache" / "results.json")
-    if cg:
-        rep.callgrind(cg)
-    else:
-        rep.missing("callgrind-cache", "bench/callgrind.py --cache")
-    L.append("### One filter (add-header)\n")
-    cg = load(out / "callgrind-filter" / "results.json")
-    if cg:
-        rep.callgrind(cg)
-    else:
-        rep.missing("callgrind-filter", "bench/callgrind.py --filter")
+    for title, name, flag in (("Plain proxy", "callgrind", ""), ("Cache hit", "callgrind-cache", " --cache"),
+                              ("One filter (add-header)", "callgrind-filter", " --filter")):
+        L.append(f"### {title}\n")
+        cg = load(out / name / "results.json")
+        if cg:
+            rep.callgrind(cg)
+        else:
+            rep.missing(name, f"bench/callgrind.py{flag}")
     L.append(CALLGRIND_READING)
 
     # Goals, at the top.
