@@ -13,6 +13,9 @@ pub mod route;
 #[path = "../../host/src/headers.rs"]
 pub mod headers;
 
+#[path = "../../host/src/ticker.rs"]
+pub mod ticker;
+
 pub mod protect {
     //! The parts of `host/src/protect` that parse input.
 
