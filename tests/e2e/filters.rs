@@ -627,6 +627,70 @@ async fn filter_config_errors_name_the_filter_and_reason() {
     );
 }
 
+/// Making an instance and running `init` have their own deadline
+/// (`init_timeout_ms`), not the per-call `timeout_ms`: a start-up slower
+/// than a call's deadline loads; one that never ends is cut off, named and
+/// refused, and the proxy keeps serving.
+#[tokio::test]
+async fn init_has_its_own_deadline_and_a_stuck_init_is_refused() {
+    let app = Backend::echo("app").await;
+    let cfg = Cfg::new()
+        .upstream("app", &[app.addr()])
+        .route_with_filters(None, "/slow", "app", &["slow-init"])
+        .route_with_filters(None, "/stuck", "app", &["stuck-init"])
+        .route(None, "/ok", "app");
+    let toml = "timeout_ms = 10\n\
+        [filters.config.slow-init]\ninit_spin_ms = 40\nrequest_spin = false\n\
+        [filters.config.stuck-init]\ninit_spin_ms = 3600000\n\
+        [filters.policy.stuck-init]\ninit_timeout_ms = 300\n";
+    let started = std::time::Instant::now();
+    let p = Proxy::builder(
+        &cfg.admin()
+            .extra(&format!("[filters]\ndir = \"@DIR@/filters\"\n{toml}"))
+            .toml(),
+    )
+    .file("filters/slow-init.wasm", wasm("hostile-loop"))
+    .file("filters/stuck-init.wasm", wasm("hostile-loop"))
+    .start();
+    let log = p
+        .wait_output("instantiating and init timed out after 300 ms", 20)
+        .await;
+    assert!(
+        log.contains("stuck-init"),
+        "the failure names the filter: {log}"
+    );
+
+    let r = get(&p, "/slow", &[]).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "a 40 ms init loads under the 10 ms call deadline: {r:?}"
+    );
+    assert_eq!(r.backend(), "app");
+    assert_eq!(
+        get(&p, "/stuck", &[]).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the refused filter fails closed"
+    );
+    assert_eq!(get(&p, "/ok", &[]).await.status, StatusCode::OK);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the stuck init was cut off, not waited out"
+    );
+
+    let status: serde_json::Value = serde_json::from_str(&admin(&p, "/filters").await).unwrap();
+    let state = |name: &str| {
+        status["filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .map(|f| f["state"].as_str().unwrap().to_string())
+    };
+    assert_eq!(state("slow-init").as_deref(), Some("active"), "{status}");
+    assert_eq!(state("stuck-init").as_deref(), Some("failed"), "{status}");
+}
+
 #[tokio::test]
 async fn garbage_in_the_filter_dir_is_rejected_with_the_file_named() {
     let app = Backend::echo("app").await;

@@ -272,6 +272,9 @@ impl Default for FiltersConfig {
 pub struct FilterPolicyConfig {
     /// CPU deadline per call, milliseconds (default 10).
     pub timeout_ms: Option<u64>,
+    /// Deadline for making a new instance and running its `init`,
+    /// milliseconds (default 1000).
+    pub init_timeout_ms: Option<u64>,
     /// Linear memory cap per instance, MiB (default 32).
     pub memory_mb: Option<u64>,
     /// What a trap, timeout or bad action does (default fail_closed).
@@ -307,6 +310,8 @@ pub enum Isolation {
 pub struct FilterPolicy {
     /// CPU deadline per call, milliseconds.
     pub timeout_ms: u64,
+    /// Deadline for instantiating and initialising an instance, milliseconds.
+    pub init_timeout_ms: u64,
     /// Linear memory cap, MiB.
     pub memory_mb: u64,
     /// Failure policy.
@@ -326,6 +331,7 @@ impl FiltersConfig {
         };
         FilterPolicy {
             timeout_ms: pick(|p| p.timeout_ms, 10),
+            init_timeout_ms: pick(|p| p.init_timeout_ms, 1_000),
             memory_mb: pick(|p| p.memory_mb, 32),
             max_requests_per_instance: pick(|p| p.max_requests_per_instance, 10_000),
             on_error: over
@@ -529,13 +535,23 @@ impl Validator<'_> {
         }
         self.validate_cache(config)?;
         self.validate_protection(config)?;
-        for (name, policy) in &config.filters.policy {
-            if policy.timeout_ms == Some(0) || policy.memory_mb == Some(0) {
-                return self.error(
-                    0..0,
-                    format!("filters.policy.{name}"),
-                    "timeout_ms and memory_mb must be > 0".into(),
-                );
+        let policies = config
+            .filters
+            .policy
+            .iter()
+            .map(|(name, p)| (format!("filters.policy.{name}"), p));
+        for (table, policy) in
+            std::iter::once(("filters".to_string(), &config.filters.defaults)).chain(policies)
+        {
+            let zero = [
+                ("timeout_ms", policy.timeout_ms),
+                ("init_timeout_ms", policy.init_timeout_ms),
+                ("memory_mb", policy.memory_mb),
+            ]
+            .into_iter()
+            .find(|(_, v)| *v == Some(0));
+            if let Some((key, _)) = zero {
+                return self.error(0..0, format!("{table}.{key}"), "must be > 0".into());
             }
         }
         Ok(())
@@ -676,5 +692,33 @@ upstream = "app"
         assert_eq!(c.filters.policy_for("a").on_error, OnError::FailOpen);
         assert_eq!(c.filters.policy_for("b").timeout_ms, 5);
         assert_eq!(c.filters.dir.as_deref(), Some(Path::new("/etc/f")));
+        assert_eq!(c.filters.policy_for("a").init_timeout_ms, 1_000);
+    }
+
+    #[test]
+    fn zero_filter_limits_are_refused_with_the_key_named() {
+        for (table, key) in [
+            ("[filters]\ndir = \"f\"", "timeout_ms"),
+            ("[filters]\ndir = \"f\"", "init_timeout_ms"),
+            ("[filters]\ndir = \"f\"\n[filters.policy.a]", "memory_mb"),
+            (
+                "[filters]\ndir = \"f\"\n[filters.policy.a]",
+                "init_timeout_ms",
+            ),
+        ] {
+            let text = format!("{GOOD}\n{table}\n{key} = 0\n");
+            let e = Config::parse(&text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            let want = if table.contains("policy") {
+                format!("filters.policy.a.{key}")
+            } else {
+                format!("filters.{key}")
+            };
+            assert!(
+                e.contains(&want) && e.contains("must be > 0"),
+                "{want}: {e}"
+            );
+        }
     }
 }

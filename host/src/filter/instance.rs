@@ -52,6 +52,13 @@ pub enum FilterFailure {
     Instantiate(String),
 }
 
+/// Epoch ticks for a deadline of `ms`: the guest is cut between `ms` and
+/// one tick past it (the first tick may come at once).
+fn deadline_ticks(ms: u64) -> u64 {
+    let tick = super::engine::EPOCH_TICK.as_millis() as u64;
+    ms.max(1).div_ceil(tick) + 1
+}
+
 /// An instance ready to be called.
 struct Warm {
     store: Store<HostState>,
@@ -117,7 +124,12 @@ impl FilterVersion {
             pool: ArrayQueue::new(POOL_SIZE),
             created: AtomicU64::new(0),
         };
-        let (warm, caps) = version.instantiate().map_err(|f| anyhow::anyhow!("{f}"))?;
+        let (warm, caps) = version.instantiate().map_err(|f| match f {
+            FilterFailure::Timeout(ms) => {
+                anyhow::anyhow!("instantiating and init timed out after {ms} ms (init_timeout_ms)")
+            }
+            f => anyhow::anyhow!("{f}"),
+        })?;
         version.caps = caps;
         version.release(warm);
         Ok(version)
@@ -133,18 +145,23 @@ impl FilterVersion {
         self.created.load(Ordering::Relaxed)
     }
 
-    /// A fresh instance, initialised with the filter's config.
+    /// A fresh instance, initialised with the filter's config. Making it
+    /// and running `init` share one deadline, `init_timeout_ms`, not the
+    /// per-call `timeout_ms`: an interpreter image takes milliseconds to
+    /// map and resume, and the epoch is wall-clock time, so a busy machine
+    /// that preempts the thread must not fail a filter's start-up. It is
+    /// still bounded: a guest that spins in `init` is cut off and the
+    /// version refused (or, on the data path, the call fails by policy).
     fn instantiate(&self) -> Result<(Warm, Capabilities), FilterFailure> {
         let cap = (self.policy.memory_mb as usize) << 20;
         let mut store = Store::new(&self.engine.engine, HostState::new(self.ctx.clone(), cap));
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(self.deadline_ticks());
+        store.set_epoch_deadline(deadline_ticks(self.policy.init_timeout_ms));
         store.epoch_deadline_trap();
         let filter = self
             .pre
             .instantiate(&mut store)
             .map_err(|e| self.classify(&e, "instantiate"))?;
-        store.set_epoch_deadline(self.deadline_ticks());
         let caps = filter
             .sluicegate_filter_handler()
             .call_init(&mut store, &self.init_config)
@@ -159,13 +176,6 @@ impl FilterVersion {
             },
             caps,
         ))
-    }
-
-    /// Ticks until the deadline: the call is cut between `timeout_ms` and
-    /// one tick past it (the first tick may come at once).
-    fn deadline_ticks(&self) -> u64 {
-        let tick = super::engine::EPOCH_TICK.as_millis() as u64;
-        self.policy.timeout_ms.max(1).div_ceil(tick) + 1
     }
 
     fn acquire(&self) -> Result<Warm, FilterFailure> {
@@ -191,7 +201,10 @@ impl FilterVersion {
     /// Turn a wasmtime error into a failure, logging it with the filter name.
     fn classify(&self, e: &wasmtime::Error, phase: &str) -> FilterFailure {
         let failure = if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
-            FilterFailure::Timeout(self.policy.timeout_ms)
+            FilterFailure::Timeout(match phase {
+                "instantiate" | "init" => self.policy.init_timeout_ms,
+                _ => self.policy.timeout_ms,
+            })
         } else if format!("{e:#}").contains(MEMORY_CAP_ERROR) {
             FilterFailure::OutOfMemory(self.policy.memory_mb)
         } else {
@@ -222,7 +235,8 @@ impl FilterVersion {
     ) -> Result<R, FilterFailure> {
         let started = Instant::now();
         let mut warm = self.acquire()?;
-        warm.store.set_epoch_deadline(self.deadline_ticks());
+        warm.store
+            .set_epoch_deadline(deadline_ticks(self.policy.timeout_ms));
         let result = f(&mut warm.store, &warm.filter);
         self.stats.record_call(phase, started.elapsed());
         match result {

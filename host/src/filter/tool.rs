@@ -88,6 +88,7 @@ pub fn load(
         .with_context(|| format!("{}: not a valid filter component", wasm.display()))?;
     let policy = FilterPolicy {
         timeout_ms: 1000,
+        init_timeout_ms: 10_000,
         memory_mb: 256,
         on_error: OnError::FailClosed,
         isolation,
