@@ -117,14 +117,13 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
                 .zip(tls.iter().map(|t| Some(t.acceptor.clone()))),
         )
         .collect();
-    // Bind everything before serving, so a taken port fails the start.
-    let mut bound = Vec::new();
-    for _ in 0..workers {
-        let listeners = addrs
-            .iter()
-            .map(|(a, tls)| Ok((server::bind_std(*a)?, tls.clone())))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        bound.push(listeners);
+    // Bind everything before serving, so a taken port fails the start:
+    // one socket per worker for each address.
+    let mut bound: Vec<Vec<_>> = (0..workers).map(|_| Vec::new()).collect();
+    for (addr, tls) in &addrs {
+        for (worker, listener) in bound.iter_mut().zip(server::bind_workers(*addr, workers)?) {
+            worker.push((listener, tls.clone()));
+        }
     }
     for (addr, tls) in &addrs {
         tracing::info!(%addr, workers, tls = tls.is_some(), "listening");
@@ -156,7 +155,7 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
         if !addr.ip().is_loopback() && config.proxy.admin_token.is_none() {
             tracing::warn!(%addr, "the admin API listens beyond loopback without admin_token: anyone who reaches it can read /config and trigger reloads");
         }
-        let listener = tokio::net::TcpListener::from_std(server::bind_std(addr)?)?;
+        let listener = tokio::net::TcpListener::from_std(server::bind_std(addr, false)?)?;
         tracing::info!(%addr, "admin listening");
         tokio::spawn(admin::serve(admin_state.clone(), listener));
     }

@@ -30,22 +30,54 @@ use crate::protect::{
 use crate::proxy::{ConnInfo, Proxy};
 use crate::ticker::Ticker;
 
-/// Bind a listening socket (SO_REUSEADDR and SO_REUSEPORT, so each worker
-/// has its own; a deep backlog), ready for a tokio runtime to adopt.
-pub fn bind_std(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+/// Bind `workers` listening sockets on `addr`, one per worker thread
+/// (SO_REUSEPORT: the kernel spreads connections over them; a deep
+/// backlog), ready for a tokio runtime to adopt.
+///
+/// SO_REUSEPORT lets any socket of the same user join the group, so a
+/// second proxy started on a port already served would silently take a
+/// share of its clients instead of failing. A probe bound without it first
+/// fails if anything is listening on `addr` already: a taken port stops the
+/// start with `address already in use`, as it does for nginx or Envoy.
+pub fn bind_workers(
+    addr: SocketAddr,
+    workers: usize,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        let probe = socket(addr, false)?;
+        probe.bind(&addr.into()).map_err(|e| taken(addr, e))?;
+    }
+    (0..workers).map(|_| bind_std(addr, true)).collect()
+}
+
+/// Bind one listening socket on `addr`; with `shared`, in a SO_REUSEPORT
+/// group (see [`bind_workers`]). The admin listener is not shared.
+pub fn bind_std(addr: SocketAddr, shared: bool) -> anyhow::Result<std::net::TcpListener> {
+    let socket = socket(addr, shared)?;
+    socket.bind(&addr.into()).map_err(|e| taken(addr, e))?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// A non-blocking TCP socket for `addr` with SO_REUSEADDR (a restart need
+/// not wait out TIME_WAIT), and SO_REUSEPORT when `shared`.
+fn socket(addr: SocketAddr, shared: bool) -> anyhow::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         None,
     )?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    socket.listen(4096)?;
-    Ok(socket.into())
+    Ok(socket)
+}
+
+/// The error of a failed bind, naming the address.
+fn taken(addr: SocketAddr, e: std::io::Error) -> anyhow::Error {
+    anyhow::Error::from(e).context(format!("cannot listen on {addr}"))
 }
 
 /// Serve clients on `listener` until `shutdown` flips, then drain. With
@@ -441,5 +473,33 @@ impl AsyncWrite for IdleTimeout {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port another process holds, even one in a SO_REUSEPORT group of
+    /// the same user, stops the start instead of being shared.
+    #[test]
+    fn a_port_already_listened_on_is_refused_not_shared() {
+        let other = bind_std("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = other.local_addr().unwrap();
+        let e = format!("{:#}", bind_workers(addr, 2).unwrap_err());
+        assert!(
+            e.contains(&format!("cannot listen on {addr}")) && e.contains("in use"),
+            "{e}"
+        );
+        let e = format!("{:#}", bind_std(addr, false).unwrap_err());
+        assert!(e.contains("in use"), "{e}");
+        drop(other);
+
+        // Free again: every worker gets its own socket on it.
+        let ours = bind_workers(addr, 3).unwrap();
+        assert_eq!(ours.len(), 3);
+        for l in &ours {
+            assert_eq!(l.local_addr().unwrap(), addr);
+        }
     }
 }

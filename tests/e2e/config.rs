@@ -301,3 +301,38 @@ async fn run_refuses_bad_configs_without_serving() {
         );
     }
 }
+
+/// A second proxy started on a port the first one serves fails to start,
+/// naming the address, and the first keeps all of its clients: the
+/// listeners' SO_REUSEPORT would otherwise let the second silently take a
+/// share of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_proxy_on_a_taken_port_fails_and_the_first_keeps_serving() {
+    let app = Backend::echo("app").await;
+    let first = Proxy::start(
+        &Cfg::new()
+            .upstream("app", &[app.addr()])
+            .route(None, "/", "app")
+            .toml(),
+    );
+    let taken = first.addr();
+    let dir = TempDir::new("config");
+    let text = format!(
+        "[proxy]\nlisten = [\"{taken}\"]\nworkers = 2\n\n[[upstream]]\nname = \"app\"\nendpoints = [\"{}\"]\n\n[[route]]\npath_prefix = \"/\"\nupstream = \"app\"\n",
+        app.addr()
+    );
+    let path = dir.write("second.toml", text);
+    let out = run_cli(&["run", "--config", path.to_str().unwrap()], 15).await;
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {taken}")) && stderr.contains("in use"),
+        "{}",
+        describe(&out)
+    );
+    for _ in 0..20 {
+        let r = first.get("/", &[]).await;
+        assert_eq!(r.status.as_u16(), 200, "{r:?}");
+        assert_eq!(r.backend(), "app");
+    }
+}

@@ -65,13 +65,28 @@ pub fn install(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::rename(&tmp, dir.join(name)).unwrap();
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago, for a proxy to listen
+/// on.
+///
+/// Not the kernel's pick (`bind :0`): that comes from the ephemeral range,
+/// which every backend and client socket of the concurrent tests draws
+/// from too, so the port could be taken again before the proxy binds it.
+/// Ports here come from a range below the ephemeral one (Linux's default
+/// starts at 32768), each handed out once per test process, starting at an
+/// offset from the process id.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
+    const BASE: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let start = std::process::id() % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
+        let port = (BASE + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {BASE}..{}", BASE + SPAN)
 }
 
 /// `127.0.0.1:<free port>`.
