@@ -31,6 +31,11 @@ pub async fn handle(
         let token = state.proxy.snapshot.load().config.proxy.admin_token.clone();
         if let Some(token) = token {
             if !authorized(req.headers().get(header::AUTHORIZATION), &token) {
+                tracing::debug!(
+                    path,
+                    with_header = req.headers().contains_key(header::AUTHORIZATION),
+                    "admin request refused: no valid token"
+                );
                 let mut resp =
                     body::text_response(StatusCode::UNAUTHORIZED, "admin token required");
                 resp.headers_mut().insert(
