@@ -259,11 +259,12 @@ impl Proxy {
             let authority = head.parts.uri.authority()?;
             HeaderValue::from_str(authority.as_str()).ok()
         });
-        // The head goes upstream; a copy is kept only if response filters
-        // will want to read it.
-        let mut parts = match chain {
-            Some(_) => head.parts.clone(),
-            None => std::mem::replace(&mut head.parts, http::Request::new(()).into_parts().0),
+        // The head goes upstream; a copy is kept only if a response phase
+        // will read it (request-only filters such as auth or a rate limit
+        // leave nothing to read it).
+        let mut parts = match &chain {
+            Some(c) if c.reads_request_in_response(ran) => head.parts.clone(),
+            _ => std::mem::replace(&mut head.parts, http::Request::new(()).into_parts().0),
         };
         let cache_rule = snap
             .config

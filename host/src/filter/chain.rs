@@ -89,6 +89,18 @@ impl Chain {
             .any(|s| s.version.as_ref().is_some_and(|v| v.caps.response_body))
     }
 
+    /// True if any of the first `ran` filters reads the request again in a
+    /// response phase (head or body). Decided on capabilities alone: a
+    /// filter benched now may be usable again by the time the response
+    /// comes.
+    pub fn reads_request_in_response(&self, ran: usize) -> bool {
+        self.steps.iter().take(ran).any(|s| {
+            s.version
+                .as_ref()
+                .is_some_and(|v| v.caps.response_phase || v.caps.response_body)
+        })
+    }
+
     /// Run the request phase. Returns the decision and how many filters
     /// took part (their response phases run later).
     pub fn on_request(
