@@ -11,6 +11,13 @@ use crate::common::{client, wasm, within, Backend, Cfg, Fnv, Proxy, Resp};
 
 /// A proxy with `filters` copied into its filter dir and `extra` TOML.
 fn start(cfg: Cfg, filters: &[&str], filters_toml: &str) -> Proxy {
+    let named: Vec<(&str, &str)> = filters.iter().map(|f| (*f, *f)).collect();
+    start_as(cfg, &named, filters_toml)
+}
+
+/// Like [`start`], with each filter installed under a name of its own:
+/// `(name, built filter)`, e.g. one fixture twice with two configs.
+fn start_as(cfg: Cfg, filters: &[(&str, &str)], filters_toml: &str) -> Proxy {
     let toml = cfg
         .admin()
         .extra(&format!(
@@ -18,8 +25,8 @@ fn start(cfg: Cfg, filters: &[&str], filters_toml: &str) -> Proxy {
         ))
         .toml();
     let mut b = Proxy::builder(&toml);
-    for f in filters {
-        b = b.file(&format!("filters/{f}.wasm"), wasm(f));
+    for (name, built) in filters {
+        b = b.file(&format!("filters/{name}.wasm"), wasm(built));
     }
     b.start()
 }
@@ -478,22 +485,17 @@ async fn hostile_filters_are_contained_and_other_routes_keep_serving() {
         .route_with_filters(None, "/trap-open", "app", &["hostile-trap-open"])
         .route_with_filters(None, "/huge", "app", &["hostile-huge-header"]);
     let toml = "timeout_ms = 20\nmemory_mb = 16\n[filters.policy.hostile-trap-open]\non_error = \"fail_open\"\n[filters.policy.hostile-memory]\ntimeout_ms = 2000\n";
-    let mut b = Proxy::builder(
-        &cfg.admin()
-            .extra(&format!("[filters]\ndir = \"@DIR@/filters\"\n{toml}"))
-            .toml(),
+    let p = start_as(
+        cfg,
+        &[
+            ("hostile-loop", "hostile-loop"),
+            ("hostile-memory", "hostile-memory"),
+            ("hostile-trap", "hostile-trap"),
+            ("hostile-huge-header", "hostile-huge-header"),
+            ("hostile-trap-open", "hostile-trap"),
+        ],
+        toml,
     );
-    for f in [
-        "hostile-loop",
-        "hostile-memory",
-        "hostile-trap",
-        "hostile-huge-header",
-    ] {
-        b = b.file(&format!("filters/{f}.wasm"), wasm(f));
-    }
-    let p = b
-        .file("filters/hostile-trap-open.wasm", wasm("hostile-trap"))
-        .start();
 
     // Hammer the hostile routes while the plain route serves.
     let addr = p.addr();
@@ -644,14 +646,14 @@ async fn init_has_its_own_deadline_and_a_stuck_init_is_refused() {
         [filters.config.stuck-init]\ninit_spin_ms = 3600000\n\
         [filters.policy.stuck-init]\ninit_timeout_ms = 300\n";
     let started = std::time::Instant::now();
-    let p = Proxy::builder(
-        &cfg.admin()
-            .extra(&format!("[filters]\ndir = \"@DIR@/filters\"\n{toml}"))
-            .toml(),
-    )
-    .file("filters/slow-init.wasm", wasm("hostile-loop"))
-    .file("filters/stuck-init.wasm", wasm("hostile-loop"))
-    .start();
+    let p = start_as(
+        cfg,
+        &[
+            ("slow-init", "hostile-loop"),
+            ("stuck-init", "hostile-loop"),
+        ],
+        toml,
+    );
     let log = p
         .wait_output("instantiating and init timed out after 300 ms", 20)
         .await;
