@@ -260,8 +260,8 @@ impl Proxy {
             HeaderValue::from_str(authority.as_str()).ok()
         });
         // The head goes upstream; a copy is kept only if a response phase
-        // will read it (request-only filters such as auth or a rate limit
-        // leave nothing to read it).
+        // will read it (a chain of request-only filters, such as auth or a
+        // rate limit, never does).
         let mut parts = match &chain {
             Some(c) if c.reads_request_in_response(ran) => head.parts.clone(),
             _ => std::mem::replace(&mut head.parts, http::Request::new(()).into_parts().0),

@@ -37,7 +37,7 @@ use crate::ticker::Ticker;
 /// second proxy started on a port already served would silently take a
 /// share of its clients instead of failing. A probe bound without it first
 /// fails if anything is listening on `addr` already: a taken port stops the
-/// start with `address already in use`, as it does for nginx or Envoy.
+/// start with `address already in use`, as it would without SO_REUSEPORT.
 pub fn bind_workers(
     addr: SocketAddr,
     workers: usize,
