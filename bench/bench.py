@@ -594,12 +594,26 @@ def cpu_busy(seconds: float = 1.0) -> float:
     return 100.0 * (1 - (i1 - i0) / max(1, t1 - t0))
 
 
-def stat_totals() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs from /proc/stat."""
+def stat_fields() -> list[int]:
+    """The all-CPU line of /proc/stat: user nice system idle iowait irq softirq steal ... (jiffies)."""
     with open("/proc/stat") as f:
         v = list(map(int, f.readline().split()[1:]))
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return v + [0] * (8 - len(v))
+
+
+def stat_totals() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs from /proc/stat."""
+    v = stat_fields()
+    idle = v[3] + v[4]
     return sum(v) - idle, sum(v)
+
+
+def machine_split(a: list[int], b: list[int]) -> dict[str, int]:
+    """Jiffies the whole machine spent between two `stat_fields` snapshots, by kind. `kernel` is
+    system + irq + softirq: loopback TCP is mostly softirq work (the receiving side of every send),
+    which /proc/PID/stat does not charge to any process, so a per-process count would miss it."""
+    d = [y - x for x, y in zip(a, b)]
+    return {"user": d[0] + d[1], "kernel": d[2] + d[5] + d[6], "steal": d[7], "idle": d[3] + d[4]}
 
 
 def foreign_jiffies(ours: set[int]) -> dict[int, tuple[int, int]]:
@@ -631,6 +645,9 @@ def foreign_delta(a: dict[int, tuple[int, int]], b: dict[int, tuple[int, int]]) 
     return max(0, total)
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
 class CpuWatch:
     """CPU used during one measurement by processes that are not ours (another build, another
     benchmark), as a percent of the machine. Anything above a few percent means that run competed
@@ -640,16 +657,18 @@ class CpuWatch:
         self.pgids = pgids
 
     def __enter__(self):
-        self.b0, self.t0 = stat_totals()
+        # The /proc walk first, so its own CPU falls outside the window.
         self.f0 = foreign_jiffies(self.pgids)
+        self.s0 = stat_fields()
         return self
 
     def __exit__(self, *exc):
-        b1, t1 = stat_totals()
+        s1 = stat_fields()
         f1 = foreign_jiffies(self.pgids)
         foreign = foreign_delta(self.f0, f1)
-        total = max(1, t1 - self.t0)
-        self.busy_pct = 100.0 * (b1 - self.b0) / total
+        self.split = machine_split(self.s0, s1)
+        total = max(1, sum(self.split.values()))
+        self.busy_pct = 100.0 * (self.split["user"] + self.split["kernel"]) / total
         # /proc is read process by process while others exit: a child reaped mid-snapshot can be
         # counted twice, so never report more than the machine's busy time.
         self.foreign_pct = min(100.0 * foreign / total, self.busy_pct)
@@ -905,6 +924,11 @@ def main() -> int:
             r["retries"] = attempt
             r["round"] = rnd + 1
             r["cpu_busy_pct"] = round(cw.busy_pct, 1)
+            # What the whole machine (load generator, backend, proxy, kernel) spent per request.
+            if r.get("requests"):
+                per_req = 1e6 / CLK_TCK / r["requests"]
+                r["machine_us_per_req"] = {k: round(v * per_req, 2) for k, v in cw.split.items()
+                                           if k in ("user", "kernel")}
             r["foreign_cpu_pct"] = round(cw.foreign_pct, 1)
             results[key].append(r)
             errs = sum(r["socket_errors"].values())
