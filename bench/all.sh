@@ -7,6 +7,7 @@
 # Scenarios (results under bench/out/, logs in bench/out/logs/<name>.log):
 #   main      plain proxy, 1 filter, 3 filters, h2c: bench.py --h2 vs nginx, HAProxy, Envoy(+Wasm)
 #   balance   every proxy balancing over 3 backend ports (bench.py --backends 3), if bench.py has it
+#   light     plain proxy and 1 filter at 5 connections, below saturation (bench.py --connections 5)
 #   memory    RSS idle and with 10,000 idle keep-alive connections (bench/memory.py)
 #   reload    filter hot-swap latency under load vs nginx reload (bench/reload.py)
 #   cache     cache hits vs nginx proxy_cache (bench/cache_bench.py via run.sh --cache), if present
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
         --build) BUILD=(--build) ;;
         --skip) SKIP=",$2,"; shift ;;
         --no-report) REPORT=0 ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -106,6 +107,10 @@ if python3 "$BENCH/bench.py" --help 2>/dev/null | grep -q -- '--backends'; then
 else
     skip balance "bench.py has no --backends option yet"
 fi
+
+# 2b. Light load: 5 connections, where no proxy saturates its core (the main table's 50 do).
+step light 900 bash "$BENCH/run.sh" --connections 5 --only sluicegate,sluicegate-filter,nginx,haproxy \
+    --out "$OUT/light" "${ROUNDS[@]+"${ROUNDS[@]}"}"
 
 # 3, 4. Memory and hot reload (need only nginx, haproxy, wrk, the host and our filters: run.sh above).
 step memory 900 python3 "$BENCH/memory.py" "${QUICK[@]+"${QUICK[@]}"}"
