@@ -292,20 +292,19 @@ class Report:
             return
         ncores = doc["meta"].get("nproc") or 1
 
-        def cost(r: dict, kind: str) -> float | None:
-            m = r.get("machine_us_per_req")
-            return None if not m else (m["user"] + m["kernel"] if kind == "total" else m[kind])
+        def cost(r: dict, kind: str) -> float:
+            m = r["machine_us_per_req"]
+            return m["user"] + m["kernel"] if kind == "total" else m[kind]
 
-        direct = {r["round"]: r for r in runs["direct"]}
+        def paired(a: str, b: str) -> list[tuple[dict, dict]]:
+            """(a's run, b's run) for every round in which both recorded their CPU."""
+            rb = {r["round"]: r for r in runs.get(b, []) if "machine_us_per_req" in r}
+            return [(r, rb[r["round"]]) for r in runs.get(a, [])
+                    if "machine_us_per_req" in r and r["round"] in rb]
 
-        def hop(key: str, kind: str) -> dict | None:
-            out = []
-            for r in runs[key]:
-                d = direct.get(r["round"])
-                a, b = cost(r, kind), (cost(d, kind) if d else None)
-                if a is not None and b is not None:
-                    out.append(a - b)
-            return spread(out)
+        def extra(key: str, base: str, kind: str) -> dict | None:
+            """What `key` costs per request beyond `base`, round by round."""
+            return spread([cost(r, kind) - cost(b, kind) for r, b in paired(key, base)])
 
         L = self.L
         L.append("Where the CPU goes: what the **whole machine** spent per request (wrk, the backend, the "
@@ -320,7 +319,8 @@ class Report:
                 continue
             busy = spread([r.get("cpu_busy_pct") for r in rs])
             cells = [sp(spread([cost(r, k) for r in rs]), f1) for k in ("user", "kernel", "total")]
-            hops = ["—"] * 3 if key == "direct" else [sp(hop(key, k), f1) for k in ("user", "kernel", "total")]
+            hops = (["—"] * 3 if key == "direct"
+                    else [sp(extra(key, "direct", k), f1) for k in ("user", "kernel", "total")])
             label = f"**{summary[key]['label']}**" if is_sluicegate(key) else summary[key]["label"]
             L.append(f"| {label} | {f1(busy['median']) if busy else '—'} | " + " | ".join(cells) + " | "
                      + " | ".join(hops) + " |")
@@ -330,21 +330,11 @@ class Report:
         # The plain-proxy goal in CPU terms: at 1.2x nginx's rate, with every core busy all the
         # time, a request may cost the machine at most ncores s / (1.2 x nginx rps); wrk and the
         # backend take direct-to-backend's cost of that, the rest is all the proxy hop may use.
-        budget, hop_kernel, hop_user, sg_hop = [], [], [], []
-        ng = {r["round"]: r for r in runs["nginx"]}
-        sg = {r["round"]: r for r in runs.get("sluicegate", [])}
-        for rnd, d in direct.items():
-            n = ng.get(rnd)
-            if not n or cost(n, "total") is None or cost(d, "total") is None:
-                continue
-            budget.append(ncores * 1e6 / (1.2 * n["rps"]) - cost(d, "total"))
-            hop_kernel.append(cost(n, "kernel") - cost(d, "kernel"))
-            hop_user.append(cost(n, "user") - cost(d, "user"))
-            if rnd in sg and cost(sg[rnd], "total") is not None:
-                sg_hop.append(cost(sg[rnd], "total") - cost(d, "total"))
-        b, k, u, h = spread(budget), spread(hop_kernel), spread(hop_user), spread(sg_hop)
+        b = spread([ncores * 1e6 / (1.2 * n["rps"]) - cost(d, "total") for n, d in paired("nginx", "direct")])
+        k, u = extra("nginx", "direct", "kernel"), extra("nginx", "direct", "user")
+        h = extra("sluicegate", "direct", "total")
         if b and k and u:
-            self.budget = {"budget": b, "nginx_kernel": k, "nginx_user": u, "sluicegate_hop": h}
+            self.budget = {"budget": b, "nginx_kernel": k}
             L.append(f"**The plain-proxy goal in CPU terms.** At 1.2× nginx's rate, with all {ncores} cores busy "
                      f"all the time, a request may cost the machine at most {ncores} s ÷ (1.2 × nginx req/s); "
                      f"wrk and the backend take direct-to-backend's cost of that. That leaves the proxy hop "
@@ -353,14 +343,8 @@ class Report:
                      f"Sluicegate's hop costs {sp(h, f1)} µs in all.\n")
         # The filter goal the same way: at 0.95x the unfiltered rate, a filtered request may cost
         # the machine 1/0.95 of an unfiltered one, so the filter may add 5.3% of that.
-        fb, fc = [], []
-        fl = {r["round"]: r for r in runs.get("sluicegate-filter", [])}
-        for rnd, p in sg.items():
-            f = fl.get(rnd)
-            if f and cost(f, "total") is not None and cost(p, "total") is not None:
-                fb.append(cost(p, "total") * (1 / 0.95 - 1))
-                fc.append(cost(f, "total") - cost(p, "total"))
-        fb_s, fc_s = spread(fb), spread(fc)
+        fb_s = spread([cost(p, "total") * (1 / 0.95 - 1) for _, p in paired("sluicegate-filter", "sluicegate")])
+        fc_s = extra("sluicegate-filter", "sluicegate", "total")
         if fb_s and fc_s:
             self.filter_budget = {"budget": fb_s, "cost": fc_s}
             L.append(f"**The one-filter goal in CPU terms.** At 0.95× the unfiltered rate, a filtered request may "
