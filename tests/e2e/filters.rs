@@ -50,6 +50,22 @@ async fn admin(p: &Proxy, path: &str) -> String {
     .text()
 }
 
+/// `(name, state)` of every filter in `/filters`, in its order.
+async fn filter_states(p: &Proxy) -> Vec<(String, String)> {
+    let status: serde_json::Value = serde_json::from_str(&admin(p, "/filters").await).unwrap();
+    status["filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap().to_string(),
+                f["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn probe_sees_the_request_and_edits_it() {
     let app = Backend::echo("app").await;
@@ -598,20 +614,8 @@ async fn filter_config_errors_name_the_filter_and_reason() {
     p.wait_output("bad-init refuses to start", 10).await;
     let log = p.wait_output("filter \"auth\"", 10).await;
     assert!(log.contains("filter \"bad-init\""), "{log}");
-    let status: serde_json::Value = serde_json::from_str(&admin(&p, "/filters").await).unwrap();
-    let states: Vec<(String, String)> = status["filters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["name"].as_str().unwrap().to_string(),
-                f["state"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
     assert_eq!(
-        states,
+        filter_states(&p).await,
         vec![
             ("auth".into(), "failed".into()),
             ("bad-init".into(), "failed".into())
@@ -680,17 +684,13 @@ async fn init_has_its_own_deadline_and_a_stuck_init_is_refused() {
         "the stuck init was cut off, not waited out"
     );
 
-    let status: serde_json::Value = serde_json::from_str(&admin(&p, "/filters").await).unwrap();
-    let state = |name: &str| {
-        status["filters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["name"] == name)
-            .map(|f| f["state"].as_str().unwrap().to_string())
-    };
-    assert_eq!(state("slow-init").as_deref(), Some("active"), "{status}");
-    assert_eq!(state("stuck-init").as_deref(), Some("failed"), "{status}");
+    assert_eq!(
+        filter_states(&p).await,
+        vec![
+            ("slow-init".into(), "active".into()),
+            ("stuck-init".into(), "failed".into())
+        ]
+    );
 }
 
 #[tokio::test]
