@@ -5,7 +5,7 @@ under a steady trickle of requests on keep-alive connections, and how many reque
     python3 bench/reload.py [--reloads 30] [--clients 4] [--interval-ms 5]
 
 Started by `bash bench/run.sh --all` (bench/all.sh), or directly once nginx and
-target/release/sluicegate and target/filters/versioned.wasm exist. Stdlib only.
+target/release/sluicegate and target/test-filters/versioned.wasm exist. Stdlib only.
 
 Sluicegate: one worker, one route with the `versioned` test filter (filters/versioned: it stamps
 `x-version: <10 digits>` on every response, the digits patched into its binary after the marker
@@ -156,7 +156,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="10 reloads per target")
     ap.add_argument("--no-nginx", action="store_true", help="Sluicegate only (no peer)")
     ap.add_argument("--sluicegate", default=str(S.ROOT / "target/release/sluicegate"))
-    ap.add_argument("--versioned-wasm", default=str(S.ROOT / "target/filters/versioned.wasm"))
+    ap.add_argument("--versioned-wasm", default=str(S.ROOT / "target/test-filters/versioned.wasm"))
     ap.add_argument("--out", default=str(S.BENCH / "out" / "reload"))
     args, unknown = ap.parse_known_args()
     if unknown:

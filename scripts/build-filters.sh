@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds every filter crate under filters/ as a wasm32-wasip2 component and
-# copies it to target/filters/<folder-name>.wasm. Idempotent; safe to rerun.
+# copies it to target/filters/<folder-name>.wasm, or, for test fixtures
+# (a crate whose Cargo.toml has `[package.metadata.sluicegate] fixture =
+# true`: the hostile filters, probe, ...), to target/test-filters/, so the
+# demo's filter directory holds only the examples. Idempotent; safe to rerun.
 #
 #   scripts/build-filters.sh            # all filters
 #   scripts/build-filters.sh probe auth # only these (folder names)
@@ -16,6 +19,7 @@ TARGET=wasm32-wasip2
 PROFILE=filter
 TARGET_DIR="$ROOT/target/guest"
 OUT_DIR="$ROOT/target/filters"
+FIXTURE_DIR="$ROOT/target/test-filters"
 
 if ! rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
     echo "installing rust target $TARGET"
@@ -62,7 +66,7 @@ for pkg in "${packages[@]}"; do pkg_args+=(-p "$pkg"); done
 echo "building ${#packages[@]} filter(s): ${packages[*]}"
 cargo build --profile "$PROFILE" --target "$TARGET" --target-dir "$TARGET_DIR" "${pkg_args[@]}"
 
-mkdir -p "$OUT_DIR"
+mkdir -p "$OUT_DIR" "$FIXTURE_DIR"
 # A component starts with "\0asm" and the component version/layer 0d 00 01 00
 # (a core module has 01 00 00 00).
 COMPONENT_MAGIC="0061736d0d000100"
@@ -83,6 +87,11 @@ for i in "${!folders[@]}"; do
         continue
     fi
     dest="$OUT_DIR/$folder.wasm"
+    if grep -qE '^fixture *= *true' "filters/$folder/Cargo.toml"; then
+        dest="$FIXTURE_DIR/$folder.wasm"
+        # A fixture left in the demo's directory by an older build goes.
+        rm -f "$OUT_DIR/$folder.wasm"
+    fi
     # Copy only when changed (the host watches this folder and reloads), and
     # atomically: stage next to the artifact, then rename into place.
     if ! cmp -s "$artifact" "$dest"; then
@@ -95,4 +104,4 @@ if [ "$failed" -ne 0 ]; then
     echo "error: some filters failed to build into components" >&2
     exit 1
 fi
-echo "components in ${OUT_DIR#"$ROOT"/}/"
+echo "components in ${OUT_DIR#"$ROOT"/}/ (test fixtures in ${FIXTURE_DIR#"$ROOT"/}/)"

@@ -36,7 +36,7 @@ for t in "${TARGETS[@]}"; do
     features=()
     if [ "$t" = wit_boundary ]; then
         features=(--features wit)
-        [ -f target/filters/fuzz-guest.wasm ] || bash scripts/build-filters.sh fuzz-guest
+        [ -f target/test-filters/fuzz-guest.wasm ] || bash scripts/build-filters.sh fuzz-guest
     fi
     mkdir -p "fuzz/corpus/$t"
     echo "== fuzz $t (${SECS}s)"

@@ -2,7 +2,7 @@
 //! host calls with arbitrary arguments, in the request and the response
 //! phase, through the host's real filter runtime (wasmtime, the host API,
 //! the key-value store). Nothing may panic; every result is an action or a
-//! contained filter failure. Needs `target/filters/fuzz-guest.wasm`
+//! contained filter failure. Needs `target/test-filters/fuzz-guest.wasm`
 //! (`scripts/build-filters.sh fuzz-guest`) and `--features wit`.
 #![no_main]
 
@@ -20,7 +20,7 @@ fn filter() -> &'static FilterVersion {
         let wasm = std::env::var("FUZZ_GUEST_WASM").unwrap_or_else(|_| {
             concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/../target/filters/fuzz-guest.wasm"
+                "/../target/test-filters/fuzz-guest.wasm"
             )
             .to_string()
         });
@@ -40,11 +40,14 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let version = filter();
-    let (head, _action) = version.on_request(head);
+    let head = version.on_request_inline(head).req;
     let resp = ResponseHead {
         parts: http::Response::new(()).into_parts().0,
     };
-    let (_head, resp, _action) = version.on_response(head, resp);
+    let called = version.on_response_inline(head, resp);
+    let Some(resp) = called.resp else {
+        return;
+    };
     // Whatever the guest did, the head it leaves is still a valid one.
     for (name, value) in &resp.parts.headers {
         assert!(

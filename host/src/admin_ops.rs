@@ -121,9 +121,18 @@ pub fn route(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Pro
 fn config_json(snap: &Snapshot) -> serde_json::Value {
     let mut table: toml::Table = toml::from_str(&snap.config.text).unwrap_or_default();
     redact_table(&mut table);
+    // The file's text, and the keys whose file values are not running yet
+    // (they need a restart) with the values that are.
+    let pending: serde_json::Map<String, serde_json::Value> = snap
+        .config
+        .pending_restart
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
     serde_json::json!({
         "source": snap.config.source.display().to_string(),
         "config": table,
+        "pending_restart": pending,
     })
 }
 

@@ -63,8 +63,9 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
     let filters = match &config.filters.dir {
         Some(_) => {
             let fc = config.filters.clone();
+            let workers = config.proxy.worker_threads();
             let rt = tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<FilterRuntime>> {
-                let rt = Arc::new(FilterRuntime::new(&fc)?);
+                let rt = Arc::new(FilterRuntime::new(&fc, workers)?);
                 for e in rt.reload(&fc) {
                     tracing::error!("{e}");
                 }
@@ -100,11 +101,7 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
         .iter()
         .map(crate::tls::TlsListener::new)
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let workers = config.proxy.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+    let workers = config.proxy.worker_threads();
     // Plain listeners, then TLS ones (with their acceptors).
     let addrs: Vec<_> = config
         .listen_addrs()

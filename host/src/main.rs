@@ -44,6 +44,10 @@ enum Command {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Also compile and init every filter the config's routes name,
+        /// with its config and policy, as the proxy would.
+        #[arg(long)]
+        filters: bool,
     },
     /// Work with one filter component, without a proxy.
     Filter {
@@ -166,15 +170,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     let result = match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config, filters } => match Config::load(&config) {
             Ok(c) => {
-                println!(
-                    "{}: ok ({} upstreams, {} routes)",
-                    config.display(),
-                    c.upstreams.len(),
-                    c.routes.len()
-                );
-                Ok(())
+                let checked = if filters {
+                    sluicegate::filter::check_filters(&c)
+                } else {
+                    Ok(0)
+                };
+                checked.map(|n| {
+                    let extra = if filters {
+                        format!(", {n} filters compiled and initialised")
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "{}: ok ({} upstreams, {} routes{extra})",
+                        config.display(),
+                        c.upstreams.len(),
+                        c.routes.len()
+                    );
+                })
             }
             Err(e) => Err(anyhow::Error::from(e)),
         },

@@ -226,7 +226,8 @@ impl Proxy {
         let mut req_body = body::boxed(limited);
         if let Some(chain) = &chain {
             let exists = |name: &str| snap.upstreams.contains_key(name);
-            let (decision, n) = chain.on_request(&mut head, &exists);
+            // Boxed: only filtered requests carry the chain's future.
+            let (decision, n) = Box::pin(chain.on_request(&mut head, &exists)).await;
             ran = n;
             match decision {
                 RequestDecision::Respond(resp) => {
@@ -410,7 +411,7 @@ impl Proxy {
         let bytes = collect_limited(body, limit).await.map_err(|status| {
             body::text_response(status, "request body too large for the filter")
         })?;
-        let bytes = chain.on_request_body(head, bytes)?;
+        let bytes = chain.on_request_body(head, bytes).await?;
         set_length(&mut head.parts.headers, bytes.len());
         Ok(body::full(bytes))
     }
@@ -442,7 +443,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let (parts, mut body) = resp.into_parts();
         let mut head = ResponseHead { parts };
-        if let Some(replaced) = chain.on_response(ran, &mut req, &mut head) {
+        if let Some(replaced) = chain.on_response(ran, &mut req, &mut head).await {
             body = replaced;
         }
         if chain.wants_response_body(ran) {
@@ -456,7 +457,7 @@ impl Proxy {
                     )
                 }
             };
-            let bytes = chain.on_response_body(ran, &mut req, &mut head, bytes);
+            let bytes = chain.on_response_body(ran, &mut req, &mut head, bytes).await;
             set_length(&mut head.parts.headers, bytes.len());
             body = body::full(bytes);
         }

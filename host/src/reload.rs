@@ -134,7 +134,7 @@ pub async fn reload_filters(proxy: Arc<Proxy>) {
 pub async fn reload_config(proxy: Arc<Proxy>, path: PathBuf) -> Result<(), String> {
     let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
     metrics::counter!("sluicegate_reloads_total", "kind" => "config").increment(1);
-    let config = match loaded {
+    let mut config = match loaded {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             metrics::counter!("sluicegate_reload_failures_total", "kind" => "config").increment(1);
@@ -151,10 +151,13 @@ pub async fn reload_config(proxy: Arc<Proxy>, path: PathBuf) -> Result<(), Strin
     if config.filters.dir.is_some() && proxy.filters.is_none() {
         tracing::warn!("[filters] was added to the config; enabling filters needs a restart");
     }
-    if format!("{:?}", old.config.proxy.tls) != format!("{:?}", config.proxy.tls)
-        || old.config.proxy.listen != config.proxy.listen
-    {
-        tracing::warn!("listeners changed in the config; they apply after a restart (certificate files reload by themselves)");
+    config.pin_restart_only(&old.config);
+    if !config.pending_restart.is_empty() {
+        let keys: Vec<&str> = config.pending_restart.iter().map(|(k, _)| k.as_str()).collect();
+        tracing::warn!(
+            "{} changed in the config; they apply after a restart (the running values are kept, and /config lists them under pending_restart; certificate files reload by themselves)",
+            keys.join(", ")
+        );
     }
     // Names are resolved before the swap, so new endpoints take traffic at once.
     let dns = Arc::new(crate::balance::dns::resolve(&config, &old.dns).await);

@@ -91,10 +91,14 @@ pub async fn serve(
 ) {
     // Connection tasks: the drain waits for them.
     let tasks = TaskTracker::new();
-    let builder = Arc::new(connection_builder(&proxy));
+    // Rebuilt when a reload brings a new config, so hyper's own limits
+    // (`max_headers`, `max_header_bytes`, the `h2_*` keys) take effect for
+    // new connections without a restart; open connections keep theirs.
+    let mut built_for = proxy.snapshot.load().config.clone();
+    let mut builder = Arc::new(connection_builder(&built_for));
     // Cancelled with `shutdown`: every connection task watches it.
     let stop = CancellationToken::new();
-    let cap = protect::connection_cap(proxy.snapshot.load().config.proxy.limits.max_connections);
+    let mut cap = protect::connection_cap(built_for.proxy.limits.max_connections);
     loop {
         // At the connection cap (a share of the fd limit), new clients wait
         // in the backlog: accepting them would starve upstream connections.
@@ -117,6 +121,11 @@ pub async fn serve(
                 };
                 let (limits, timeouts, admitted) = {
                     let snap = proxy.snapshot.load();
+                    if !Arc::ptr_eq(&snap.config, &built_for) {
+                        built_for = snap.config.clone();
+                        builder = Arc::new(connection_builder(&built_for));
+                        cap = protect::connection_cap(built_for.proxy.limits.max_connections);
+                    }
                     let limits = snap.config.proxy.limits.clone();
                     let admitted = snap.protection.conns.admit(client.ip(), limits.max_connections_per_ip);
                     (limits, snap.config.proxy.timeouts.clone(), admitted)
@@ -197,8 +206,7 @@ pub async fn serve(
     }
 }
 
-fn connection_builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
-    let cfg = proxy.snapshot.load().config.clone();
+fn connection_builder(cfg: &crate::config::Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -193,7 +193,7 @@ async fn probe_actions_respond_route_and_response_edits() {
         .upstream("app", &[app.addr()])
         .upstream("other", &[other.addr()])
         .route_with_filters(None, "/", "app", &["probe"]);
-    let p = start(cfg, &["probe"], "");
+    let p = start(cfg, &["probe"], "[filters.policy.probe]\nupstreams = [\"*\"]\n");
 
     let r = get(
         &p,
@@ -356,6 +356,8 @@ window_ms = 60000
 [filters.config.canary]
 upstream = "canary"
 weight_percent = 0
+[filters.policy.canary]
+upstreams = ["canary"]
 [filters.config.security-headers]
 cors_allow_origins = ["https://a.example"]
 "#;

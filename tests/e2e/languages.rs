@@ -105,7 +105,7 @@ async fn python_router_sends_each_tenant_to_its_upstream() {
     let p = start(
         cfg,
         &["py-router"],
-        "[filters.config.py-router]\nheader = \"x-tenant\"\nroutes = { beta = \"beta-pool\", gold = \"gold-pool\" }\n",
+        "[filters.config.py-router]\nheader = \"x-tenant\"\nroutes = { beta = \"beta-pool\", gold = \"gold-pool\" }\n[filters.policy.py-router]\nupstreams = [\"beta-pool\", \"gold-pool\"]\n",
     );
     // The filter's print() in init reaches the proxy's log, tagged.
     let log = p.wait_output("py-router: routing on x-tenant", 10).await;

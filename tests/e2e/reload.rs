@@ -300,3 +300,46 @@ async fn a_kubernetes_configmap_symlink_swap_reloads_the_filter() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn limits_apply_on_reload_and_restart_only_keys_are_reported() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Backend::echo("a").await;
+    let toml = Cfg::new()
+        .admin()
+        .upstream("app", &[a.addr()])
+        .route(None, "/", "app")
+        .extra("[proxy.limits]\nmax_headers = 100\n")
+        .toml();
+    let p = Proxy::start(&toml);
+    let raw = |n: usize| {
+        let addr = p.addr();
+        async move {
+            let many: String = (0..n).map(|i| format!("X-H{i}: v\r\n")).collect();
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{many}\r\n");
+            let _ = s.write_all(head.as_bytes()).await;
+            let mut out = Vec::new();
+            let _ = within(5, "the proxy answers", s.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    assert!(raw(60).await.starts_with("HTTP/1.1 200"));
+
+    let text = std::fs::read_to_string(p.config_path()).unwrap();
+    let updated = text
+        .replace("max_headers = 100", "max_headers = 50")
+        .replace("workers = 2", "workers = 3");
+    assert_ne!(text, updated);
+    std::fs::write(p.config_path(), updated).unwrap();
+    p.wait_output("configuration reloaded", 10).await;
+    let log = p.wait_output("apply after a restart", 5).await;
+    assert!(log.contains("proxy.workers"), "{log}");
+    assert!(raw(60).await.starts_with("HTTP/1.1 431"), "the new limit holds");
+    let config: serde_json::Value =
+        serde_json::from_str(&p.admin_get("/config").await.text()).unwrap();
+    assert_eq!(
+        config["pending_restart"]["proxy.workers"], "Some(2)",
+        "/config shows the running value: {config}"
+    );
+}

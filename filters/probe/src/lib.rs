@@ -38,6 +38,15 @@
 //!    `content-type: text/plain`; body `local response from probe\n`).
 //!    `x-probe-action: route=<name>` → `route(name)`. Otherwise continue.
 //!
+//! 10. Before returning: `x-probe-trap: request` → traps (after every edit
+//!     above: a failed call must leave none of them behind).
+//!
+//! Before step 1: `x-probe-spin-ms: N` → computes for N ms of monotonic
+//! time (a CPU-bound filter within its deadline); `x-probe-spin-ms:
+//! forever` → computes until the host cuts it off; `x-probe-work: N` →
+//! N × 100,000 rounds of a hash chain (fixed CPU work, whatever the
+//! scheduling).
+//!
 //! **on-request-body** (bodies): request header `x-probe-body: upper` →
 //! replace with the body ASCII-uppercased; `x-probe-body: reject` → respond
 //! 413, `content-type: text/plain`, body `rejected by probe\n`; else
@@ -48,7 +57,8 @@
 //! `x-probe-resp-status: N` → `set-status(N)`; `x-probe-resp-remove: <name>`
 //! → removes that response header; `x-probe-resp-action: respond` →
 //! respond 200, `content-type: text/plain`, body `replaced by probe\n`;
-//! else continue.
+//! `x-probe-trap: response` → traps (after the edits above); else
+//! continue.
 //!
 //! **on-response-body** (bodies): request header `x-probe-resp-body: upper`
 //! → replace with the body ASCII-uppercased; else continue.
@@ -121,6 +131,16 @@ impl Filter for Probe {
     }
 
     fn on_request(&mut self, req: &Request) -> RequestAction {
+        if let Some(spin) = req.header("x-probe-spin-ms") {
+            spin_for(spin.trim().parse::<u64>().ok());
+        }
+        if let Some(n) = req.header("x-probe-work").and_then(|n| n.trim().parse::<u64>().ok()) {
+            let mut x = work(n.min(1_000_000) * 100, 1);
+            if x == 42 {
+                x += 1;
+                log::info(format!("unlikely {x}"));
+            }
+        }
         let method = req.method();
         let path = req.path();
         let authority = req.authority().unwrap_or_default();
@@ -195,6 +215,9 @@ impl Filter for Probe {
                 .with_body("local response from probe\n")
                 .into();
         }
+        if req.header("x-probe-trap").as_deref() == Some("request") {
+            trap();
+        }
         if let Some(upstream) = action.strip_prefix("route=") {
             return RequestAction::route(upstream);
         }
@@ -230,6 +253,9 @@ impl Filter for Probe {
         if let Some(name) = req.header("x-probe-resp-remove") {
             resp.remove_header(&name);
         }
+        if req.header("x-probe-trap").as_deref() == Some("response") {
+            trap();
+        }
         if req.header("x-probe-resp-action").as_deref() == Some("respond") {
             return LocalResponse::new(200)
                 .with_header("content-type", "text/plain")
@@ -245,6 +271,40 @@ impl Filter for Probe {
             _ => BodyAction::Continue,
         }
     }
+}
+
+/// Compute for `ms` of monotonic time (`None`: until cut off). The work
+/// is a hash chain the optimiser cannot drop.
+fn spin_for(ms: Option<u64>) {
+    let start = env::monotonic_ns();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    loop {
+        x = work(1, x);
+        if let Some(ms) = ms {
+            if env::monotonic_ns().saturating_sub(start) >= ms * 1_000_000 {
+                break;
+            }
+        }
+    }
+    if x == 42 {
+        log::info("unlikely");
+    }
+}
+
+/// `thousands` × 1,000 rounds of a hash chain from `x`.
+fn work(thousands: u64, mut x: u64) -> u64 {
+    for _ in 0..thousands * 1000 {
+        x = core::hint::black_box(x.rotate_left(7).wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5851_f42d);
+    }
+    x
+}
+
+/// Trap on purpose (a wasm `unreachable`).
+fn trap() -> ! {
+    #[cfg(target_arch = "wasm32")]
+    core::arch::wasm32::unreachable();
+    #[cfg(not(target_arch = "wasm32"))]
+    panic!("probe traps on purpose");
 }
 
 export_filter!(Probe);

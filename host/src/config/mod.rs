@@ -4,7 +4,7 @@
 //! can point at the mistake. The keys below are a public contract; see the
 //! README's configuration reference.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -12,10 +12,12 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod cache;
+mod filters;
 mod limits;
 mod ops;
 mod upstream;
 pub use cache::*;
+pub use filters::*;
 pub use limits::*;
 pub use ops::*;
 pub use upstream::*;
@@ -77,6 +79,36 @@ pub struct Config {
     /// The text it was parsed from (for the admin API's `/config`).
     #[serde(skip)]
     pub text: String,
+    /// Keys whose new values a reload could not apply (they need a
+    /// restart): `(key, running value)`, for `/config`.
+    #[serde(skip)]
+    pub pending_restart: Vec<(String, String)>,
+}
+
+impl Config {
+    /// After a reload: keep the running values of the keys that only a
+    /// restart can change (listeners, workers, the admin address, the
+    /// artifact cache and compute pool), and note each one that differs.
+    pub fn pin_restart_only(&mut self, running: &Config) {
+        let mut pending = Vec::new();
+        macro_rules! pin {
+            ($key:literal, $($field:tt)+) => {
+                if format!("{:?}", self.$($field)+) != format!("{:?}", running.$($field)+) {
+                    self.$($field)+ = running.$($field)+.clone();
+                    pending.push(($key.to_string(), format!("{:?}", running.$($field)+)));
+                }
+            };
+        }
+        pin!("proxy.listen", proxy.listen);
+        pin!("proxy.tls", proxy.tls);
+        pin!("proxy.workers", proxy.workers);
+        pin!("proxy.admin", proxy.admin);
+        pin!("filters.cache_dir", filters.cache_dir);
+        pin!("filters.compute_threads", filters.compute_threads);
+        // `running` holds the running values (pinned by earlier reloads),
+        // so this is the full list, not only what this reload changed.
+        self.pending_restart = pending;
+    }
 }
 
 /// `[proxy]`.
@@ -230,127 +262,14 @@ fn default_prefix() -> String {
     "/".to_string()
 }
 
-/// `[filters]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FiltersConfig {
-    /// Directory of `*.wasm` filters, each named by its file stem. Relative
-    /// paths are relative to the config file.
-    pub dir: Option<PathBuf>,
-    /// Where precompiled artifacts are cached (default: `$TMPDIR/sluicegate-cache`).
-    pub cache_dir: Option<PathBuf>,
-    /// Defaults for every filter.
-    #[serde(flatten)]
-    pub defaults: FilterPolicyConfig,
-    /// Largest body buffered for a filter's body phase, bytes.
-    pub max_body_bytes: usize,
-    /// A filter that takes longer than this to compile is refused.
-    pub compile_timeout_ms: u64,
-    /// `[filters.config.<name>]`: handed to that filter's init as JSON.
-    pub config: BTreeMap<String, toml::Table>,
-    /// `[filters.policy.<name>]`: per-filter overrides of the defaults.
-    pub policy: BTreeMap<String, FilterPolicyConfig>,
-}
-
-impl Default for FiltersConfig {
-    fn default() -> Self {
-        FiltersConfig {
-            dir: None,
-            cache_dir: None,
-            defaults: FilterPolicyConfig::default(),
-            max_body_bytes: 1024 * 1024,
-            compile_timeout_ms: 30_000,
-            config: BTreeMap::new(),
-            policy: BTreeMap::new(),
-        }
-    }
-}
-
-/// Limits and failure policy of one filter (or the defaults of all).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct FilterPolicyConfig {
-    /// CPU deadline per call, milliseconds (default 10).
-    pub timeout_ms: Option<u64>,
-    /// Deadline for making a new instance and running its `init`,
-    /// milliseconds (default 1000).
-    pub init_timeout_ms: Option<u64>,
-    /// Linear memory cap per instance, MiB (default 32).
-    pub memory_mb: Option<u64>,
-    /// What a trap, timeout or bad action does (default fail_closed).
-    pub on_error: Option<OnError>,
-    /// `pool` (warm instances, default) or `request` (fresh per request).
-    pub isolation: Option<Isolation>,
-    /// Recycle a pooled instance after this many requests (default 10000).
-    pub max_requests_per_instance: Option<u64>,
-}
-
-/// The failure policy of a filter.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnError {
-    /// Answer the client with a 5xx.
-    FailClosed,
-    /// Skip the filter and go on.
-    FailOpen,
-}
-
-/// How instances are reused.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Isolation {
-    /// A pool of warm instances; globals may persist between requests.
-    Pool,
-    /// A fresh instance per request; nothing survives a request.
-    Request,
-}
-
-/// A filter's effective policy: the defaults with its overrides applied.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct FilterPolicy {
-    /// CPU deadline per call, milliseconds.
-    pub timeout_ms: u64,
-    /// Deadline for instantiating and initialising an instance, milliseconds.
-    pub init_timeout_ms: u64,
-    /// Linear memory cap, MiB.
-    pub memory_mb: u64,
-    /// Failure policy.
-    pub on_error: OnError,
-    /// Instance reuse.
-    pub isolation: Isolation,
-    /// Recycle after this many requests.
-    pub max_requests_per_instance: u64,
-}
-
-impl FiltersConfig {
-    /// The effective policy of the filter `name`.
-    pub fn policy_for(&self, name: &str) -> FilterPolicy {
-        let over = self.policy.get(name);
-        let pick = |f: fn(&FilterPolicyConfig) -> Option<u64>, d: u64| {
-            over.and_then(f).or(f(&self.defaults)).unwrap_or(d)
-        };
-        FilterPolicy {
-            timeout_ms: pick(|p| p.timeout_ms, 10),
-            init_timeout_ms: pick(|p| p.init_timeout_ms, 1_000),
-            memory_mb: pick(|p| p.memory_mb, 32),
-            max_requests_per_instance: pick(|p| p.max_requests_per_instance, 10_000),
-            on_error: over
-                .and_then(|p| p.on_error)
-                .or(self.defaults.on_error)
-                .unwrap_or(OnError::FailClosed),
-            isolation: over
-                .and_then(|p| p.isolation)
-                .or(self.defaults.isolation)
-                .unwrap_or(Isolation::Pool),
-        }
-    }
-
-    /// The JSON handed to the filter's init: its config table, or `{}`.
-    pub fn init_json(&self, name: &str) -> String {
-        match self.config.get(name) {
-            Some(table) => serde_json::to_string(table).unwrap_or_else(|_| "{}".into()),
-            None => "{}".to_string(),
-        }
+impl ProxyConfig {
+    /// Worker threads: `workers`, else one per core.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
     }
 }
 
@@ -535,25 +454,7 @@ impl Validator<'_> {
         }
         self.validate_cache(config)?;
         self.validate_protection(config)?;
-        let policies = config
-            .filters
-            .policy
-            .iter()
-            .map(|(name, p)| (format!("filters.policy.{name}"), p));
-        for (table, policy) in
-            std::iter::once(("filters".to_string(), &config.filters.defaults)).chain(policies)
-        {
-            let zero = [
-                ("timeout_ms", policy.timeout_ms),
-                ("init_timeout_ms", policy.init_timeout_ms),
-                ("memory_mb", policy.memory_mb),
-            ]
-            .into_iter()
-            .find(|(_, v)| *v == Some(0));
-            if let Some((key, _)) = zero {
-                return self.error(0..0, format!("{table}.{key}"), "must be > 0".into());
-            }
-        }
+        self.validate_filters(config, &names)?;
         Ok(())
     }
 }

@@ -12,10 +12,10 @@ use super::bindings::sluicegate::filter::types::{
     BodyAction, LocalResponse, RequestAction, ResponseAction,
 };
 use super::host_api::{RequestHead, ResponseHead, MAX_HEADER_FIELDS, MAX_HEADER_VALUE};
-use super::instance::{FilterFailure, FilterVersion};
+use super::instance::{placeholder, FilterFailure, FilterVersion};
 use super::FilterSet;
 use crate::body::{self, ProxyBody};
-use crate::config::{FiltersConfig, OnError};
+use crate::config::{FiltersConfig, Grants, OnError};
 
 /// One filter of a chain, resolved against the live set.
 pub struct Step {
@@ -103,10 +103,10 @@ impl Chain {
 
     /// Run the request phase. Returns the decision and how many filters
     /// took part (their response phases run later).
-    pub fn on_request(
+    pub async fn on_request(
         &self,
         head: &mut RequestHead,
-        upstream_exists: &dyn Fn(&str) -> bool,
+        upstream_exists: &(dyn Fn(&str) -> bool + Sync),
     ) -> (RequestDecision, usize) {
         let mut upstream = None;
         for (i, step) in self.steps.iter().enumerate() {
@@ -120,30 +120,48 @@ impl Chain {
                 continue;
             }
             let taken = std::mem::replace(head, placeholder());
-            let (back, result) = version.on_request(taken);
-            *head = back;
-            let failure = match result {
-                Ok(RequestAction::Continue) => {
-                    version.stats.record_success();
-                    continue;
-                }
+            let mut called = version.on_request(taken).await;
+            let grants = &version.policy.grants;
+            let failure = match std::mem::replace(&mut called.result, Err(FilterFailure::Missing)) {
+                Ok(RequestAction::Continue) => None,
+                Ok(RequestAction::Respond(_)) if !grants.may_respond => Some(denied(
+                    step,
+                    "respond",
+                    "answered locally, which its policy does not grant (may_respond = false)"
+                        .into(),
+                )),
                 Ok(RequestAction::Respond(local)) => match local_response(local) {
                     Ok(resp) => {
                         version.stats.record_success();
+                        *head = called.req;
                         return (RequestDecision::Respond(resp), i + 1);
                     }
-                    Err(e) => FilterFailure::Invalid(e),
+                    Err(e) => Some(FilterFailure::Invalid(e)),
                 },
+                Ok(RequestAction::Route(name)) if !grants.upstreams.allows(&name) => {
+                    Some(denied(
+                        step,
+                        "route",
+                        format!("route to upstream {name:?}, which its policy does not grant"),
+                    ))
+                }
                 Ok(RequestAction::Route(name)) if upstream_exists(&name) => {
-                    version.stats.record_success();
                     upstream = Some(name);
-                    continue;
+                    None
                 }
-                Ok(RequestAction::Route(name)) => {
-                    FilterFailure::Invalid(format!("route to unknown upstream {name:?}"))
-                }
-                Err(f) => f,
+                Ok(RequestAction::Route(name)) => Some(FilterFailure::Invalid(format!(
+                    "route to unknown upstream {name:?}"
+                ))),
+                Err(f) => Some(f),
             };
+            let Some(failure) = failure else {
+                version.stats.record_success();
+                *head = called.req;
+                continue;
+            };
+            // A failed call leaves no trace on the head.
+            called.revert();
+            *head = called.req;
             if matches!(failure, FilterFailure::Invalid(_)) {
                 version.stats.record_failure(&failure);
                 tracing::warn!(filter = %step.name, error = %failure, "filter returned an invalid action");
@@ -159,7 +177,7 @@ impl Chain {
     // The error is the response to send; it is built once per request on
     // a cold path, so boxing it would buy nothing.
     #[allow(clippy::result_large_err)]
-    pub fn on_request_body(
+    pub async fn on_request_body(
         &self,
         head: &mut RequestHead,
         mut body: Bytes,
@@ -169,11 +187,20 @@ impl Chain {
                 continue;
             };
             let taken = std::mem::replace(head, placeholder());
-            let (back, result) = version.on_request_body(taken, &body);
-            *head = back;
-            match result.and_then(|a| body_action(a).map_err(FilterFailure::Invalid)) {
-                Ok(BodyOutcome::Keep) => {}
-                Ok(BodyOutcome::Replace(b)) => body = b,
+            let mut called = version.on_request_body(taken, body.clone()).await;
+            let result = std::mem::replace(&mut called.result, Err(FilterFailure::Missing));
+            let outcome =
+                result.and_then(|a| body_action(a, &version.policy.grants, step));
+            if outcome.is_err() {
+                called.revert();
+            }
+            *head = called.req;
+            match outcome {
+                Ok(BodyOutcome::Keep) => version.stats.record_success(),
+                Ok(BodyOutcome::Replace(b)) => {
+                    version.stats.record_success();
+                    body = b
+                }
                 Ok(BodyOutcome::Respond(resp)) => return Err(resp),
                 Err(f) => {
                     if let Some(resp) = fail(step, &f) {
@@ -187,7 +214,7 @@ impl Chain {
 
     /// Run the response phase, in reverse, over the first `ran` filters.
     /// Returns a replacement body when a filter answered in its place.
-    pub fn on_response(
+    pub async fn on_response(
         &self,
         ran: usize,
         req: &mut RequestHead,
@@ -198,24 +225,42 @@ impl Chain {
             let Some(version) = usable(step).filter(|v| v.caps.response_phase) else {
                 continue;
             };
-            let (rq, rs, result) =
-                version.on_response(std::mem::replace(req, placeholder()), take_resp(resp));
-            *req = rq;
-            *resp = rs;
+            let mut called = version
+                .on_response(std::mem::replace(req, placeholder()), take_resp(resp))
+                .await;
+            let grants = &version.policy.grants;
+            let result = std::mem::replace(&mut called.result, Err(FilterFailure::Missing));
             let outcome = result.and_then(|a| match a {
                 ResponseAction::Continue => Ok(None),
+                ResponseAction::Respond(_) if !grants.may_respond => Err(denied(
+                    step,
+                    "respond",
+                    "answered locally, which its policy does not grant (may_respond = false)"
+                        .into(),
+                )),
                 ResponseAction::Respond(local) => local_response(local)
                     .map(Some)
                     .map_err(FilterFailure::Invalid),
             });
+            if outcome.is_err() {
+                called.revert();
+            }
+            *req = called.req;
+            if let Some(r) = called.resp {
+                *resp = r;
+            }
             match outcome {
                 Ok(None) => version.stats.record_success(),
                 Ok(Some(new)) => {
+                    version.stats.record_success();
                     let (parts, b) = new.into_parts();
                     resp.parts = parts;
                     replaced = Some(b);
                 }
                 Err(f) => {
+                    if matches!(f, FilterFailure::Invalid(_)) {
+                        version.stats.record_failure(&f);
+                    }
                     if let Some(err) = fail(step, &f) {
                         let (parts, b) = err.into_parts();
                         resp.parts = parts;
@@ -228,7 +273,7 @@ impl Chain {
     }
 
     /// Run the response body phase, in reverse, over the first `ran` filters.
-    pub fn on_response_body(
+    pub async fn on_response_body(
         &self,
         ran: usize,
         req: &mut RequestHead,
@@ -239,17 +284,31 @@ impl Chain {
             let Some(version) = usable(step).filter(|v| v.caps.response_body) else {
                 continue;
             };
-            let (rq, rs, result) = version.on_response_body(
-                std::mem::replace(req, placeholder()),
-                take_resp(resp),
-                &body,
-            );
-            *req = rq;
-            *resp = rs;
-            let outcome = result.and_then(|a| body_action(a).map_err(FilterFailure::Invalid));
+            let mut called = version
+                .on_response_body(
+                    std::mem::replace(req, placeholder()),
+                    take_resp(resp),
+                    body.clone(),
+                )
+                .await;
+            let result = std::mem::replace(&mut called.result, Err(FilterFailure::Missing));
+            let outcome = result.and_then(|a| body_action(a, &version.policy.grants, step));
+            if outcome.is_err() {
+                called.revert();
+            }
+            *req = called.req;
+            if let Some(r) = called.resp {
+                *resp = r;
+            }
             let replacement = match outcome {
-                Ok(BodyOutcome::Keep) => None,
-                Ok(BodyOutcome::Replace(b)) => Some((None, b)),
+                Ok(BodyOutcome::Keep) => {
+                    version.stats.record_success();
+                    None
+                }
+                Ok(BodyOutcome::Replace(b)) => {
+                    version.stats.record_success();
+                    Some((None, b))
+                }
                 Ok(BodyOutcome::Respond(r)) => Some(split(r)),
                 Err(f) => fail(step, &f).map(split),
             };
@@ -262,6 +321,14 @@ impl Chain {
         }
         body
     }
+}
+
+/// An action the manifest does not grant: counted and logged with the
+/// filter, then treated as an invalid action.
+fn denied(step: &Step, what: &'static str, reason: String) -> FilterFailure {
+    metrics::counter!("sluicegate_filter_denied_total", "filter" => step.name.to_string(), "what" => what).increment(1);
+    tracing::warn!(filter = %step.name, "filter action refused by its policy: {reason}");
+    FilterFailure::Invalid(reason)
 }
 
 fn split(r: Response<ProxyBody>) -> (Option<http::response::Parts>, Bytes) {
@@ -286,11 +353,20 @@ enum BodyOutcome {
     Respond(Response<ProxyBody>),
 }
 
-fn body_action(a: BodyAction) -> Result<BodyOutcome, String> {
+fn body_action(a: BodyAction, grants: &Grants, step: &Step) -> Result<BodyOutcome, FilterFailure> {
     Ok(match a {
         BodyAction::Continue => BodyOutcome::Keep,
         BodyAction::Replace(b) => BodyOutcome::Replace(Bytes::from(b)),
-        BodyAction::Respond(local) => BodyOutcome::Respond(local_response(local)?),
+        BodyAction::Respond(_) if !grants.may_respond => {
+            return Err(denied(
+                step,
+                "respond",
+                "answered locally, which its policy does not grant (may_respond = false)".into(),
+            ))
+        }
+        BodyAction::Respond(local) => {
+            BodyOutcome::Respond(local_response(local).map_err(FilterFailure::Invalid)?)
+        }
     })
 }
 
@@ -311,8 +387,18 @@ fn fail(step: &Step, failure: &FilterFailure) -> Option<Response<ProxyBody>> {
             None
         }
         OnError::FailClosed => {
-            let text = format!("filter {} failed", step.name);
-            let mut resp = body::text_response(StatusCode::INTERNAL_SERVER_ERROR, &text);
+            // Shed for its CPU share: the filter is busy, not broken.
+            let (status, text) = match failure {
+                FilterFailure::Overloaded => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("filter {} is over its CPU share", step.name),
+                ),
+                _ => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("filter {} failed", step.name),
+                ),
+            };
+            let mut resp = body::text_response(status, &text);
             resp.extensions_mut()
                 .insert(LocalBody(Bytes::from(format!("{text}\n"))));
             Some(resp)
@@ -347,14 +433,6 @@ fn local_response(local: LocalResponse) -> Result<Response<ProxyBody>, String> {
     resp.headers_mut().remove(http::header::TRANSFER_ENCODING);
     resp.extensions_mut().insert(LocalBody(bytes));
     Ok(resp)
-}
-
-fn placeholder() -> RequestHead {
-    RequestHead {
-        parts: http::Request::new(()).into_parts().0,
-        client: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-        scheme: "http",
-    }
 }
 
 fn take_resp(resp: &mut ResponseHead) -> ResponseHead {

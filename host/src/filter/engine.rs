@@ -3,7 +3,8 @@
 //! with an on-disk cache of precompiled artifacts.
 
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,6 +12,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use super::artifacts::ArtifactCache;
+use super::compute::ComputePool;
 use super::bindings::Filter;
 use super::host_api::HostState;
 
@@ -27,9 +30,12 @@ pub struct FilterEngine {
     pub engine: Engine,
     /// Host imports: the WIT interfaces and an empty WASI.
     pub linker: std::sync::Arc<Linker<HostState>>,
-    cache_dir: Option<PathBuf>,
+    cache: Option<Arc<ArtifactCache>>,
     compat: String,
     sync_cache: bool,
+    /// Where slow filters' calls run (see `compute`).
+    pub compute: Arc<ComputePool>,
+    workers: usize,
 }
 
 /// The pooling allocator, or (`SLUICEGATE_WASM_ON_DEMAND` set, for
@@ -49,8 +55,16 @@ fn allocation_strategy(pool: PoolingAllocationConfig) -> InstanceAllocationStrat
 }
 
 impl FilterEngine {
-    /// Build the engine and start its epoch ticker thread.
-    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<FilterEngine> {
+    /// Build the engine and start its epoch ticker thread. `cache_dir` is
+    /// opened as an [`ArtifactCache`]; one that is refused (not private to
+    /// the proxy's user) is logged and filters are compiled in memory.
+    /// `compute_threads` run slow filters' calls; `workers` is the number
+    /// of worker threads CPU shares are reckoned against.
+    pub fn new(
+        cache_dir: Option<PathBuf>,
+        compute_threads: usize,
+        workers: usize,
+    ) -> anyhow::Result<FilterEngine> {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(1000)
             .total_core_instances(2000)
@@ -97,12 +111,24 @@ impl FilterEngine {
             hasher.finish(),
             env!("CARGO_PKG_VERSION")
         );
+        let cache = cache_dir.and_then(|dir| match ArtifactCache::open(&dir) {
+            Ok(cache) => Some(Arc::new(cache)),
+            Err(reason) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "refusing the filter artifact cache ({reason}); filters are compiled in memory"
+                );
+                None
+            }
+        });
         Ok(FilterEngine {
             engine,
             linker: std::sync::Arc::new(linker),
-            cache_dir,
+            cache,
             compat,
             sync_cache: false,
+            compute: Arc::new(ComputePool::new(compute_threads)?),
+            workers: workers.max(1),
         })
     }
 
@@ -118,39 +144,48 @@ impl FilterEngine {
     /// off the async runtime. `hash` is the bytes' [`content_hash`], which
     /// names the cached artifact.
     pub fn compile(&self, wasm: &[u8], hash: &str) -> anyhow::Result<Component> {
-        let Some(dir) = &self.cache_dir else {
+        let Some(cache) = &self.cache else {
             let component = Component::new(&self.engine, wasm).map_err(anyhow::Error::from)?;
             return Ok(component);
         };
-        let artifact = dir.join(format!("{hash}-{}.cwasm", self.compat));
-        if artifact.exists() {
-            match load_artifact(&self.engine, &artifact) {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::warn!(artifact = %artifact.display(), error = %e, "ignoring unusable cached artifact")
-                }
+        match cache.load(&self.engine, hash, &self.compat) {
+            Ok(Some(component)) => return Ok(component),
+            Ok(None) => {}
+            Err(reason) => {
+                metrics::counter!("sluicegate_filter_artifacts_refused_total").increment(1);
+                tracing::warn!(
+                    "refusing a cached filter artifact ({reason}); compiling the component in memory"
+                );
             }
         }
         // Compile in memory (a reload waits on this), then cache the artifact
         // for the next start on another thread.
         let component = Component::new(&self.engine, wasm).map_err(anyhow::Error::from)?;
         match component.serialize() {
-            Ok(bytes) if self.sync_cache => {
-                if let Err(e) = write_atomically(dir, &artifact, &bytes) {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot cache compiled filter");
-                }
-            }
+            Ok(bytes) if self.sync_cache => store(cache, hash, &self.compat, &bytes),
             Ok(bytes) => {
-                let dir = dir.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = write_atomically(&dir, &artifact, &bytes) {
-                        tracing::warn!(dir = %dir.display(), error = %e, "cannot cache compiled filter");
-                    }
-                });
+                let (cache, hash, compat) = (cache.clone(), hash.to_string(), self.compat.clone());
+                std::thread::spawn(move || store(&cache, &hash, &compat, &bytes));
             }
             Err(e) => tracing::warn!(error = %e, "cannot serialize compiled filter"),
         }
         Ok(component)
+    }
+
+    /// Worker threads that CPU shares are reckoned against.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The artifact cache in use, if any (for `/filters` and tests).
+    pub fn cache_dir(&self) -> Option<&std::path::Path> {
+        self.cache.as_deref().map(ArtifactCache::dir)
+    }
+}
+
+fn store(cache: &ArtifactCache, hash: &str, compat: &str, bytes: &[u8]) {
+    if let Err(e) = cache.store(hash, compat, bytes) {
+        tracing::warn!(dir = %cache.dir().display(), error = %e, "cannot cache compiled filter");
     }
 }
 
@@ -160,27 +195,3 @@ pub fn content_hash(wasm: &[u8]) -> String {
     hex::encode(Sha256::digest(wasm))
 }
 
-/// Map a precompiled artifact.
-///
-/// This is the one `unsafe` in Sluicegate. `Component::deserialize_file`
-/// is unsafe because wasmtime trusts the file to be machine code it
-/// produced itself: a forged file could run arbitrary native code. It is
-/// sound here because the file is only ever written by `compile` above,
-/// into the operator's cache directory, under a name that pins the source
-/// hash and the engine's compatibility hash (so settings or version
-/// changes never load a stale artifact), and wasmtime itself checks the
-/// header and engine compatibility before using it.
-fn load_artifact(engine: &Engine, path: &Path) -> anyhow::Result<Component> {
-    #[allow(unsafe_code)]
-    let component = unsafe { Component::deserialize_file(engine, path) };
-    component
-        .map_err(anyhow::Error::from)
-        .with_context(|| format!("loading {}", path.display()))
-}
-
-fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}

@@ -14,14 +14,13 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::sluicegate::filter::{env, kv, log, metrics as wit_metrics, types};
 use super::kv::KvStore;
 use super::stdio::{LogStdio, Stdio};
+use crate::config::{header_listed, Grants};
 
 /// Longest header value a filter may set, bytes.
 pub const MAX_HEADER_VALUE: usize = 16 * 1024;
 /// Most header fields a head may carry after a filter adds to it (common
 /// upstream servers refuse more than 100; the proxy adds a few itself).
 pub const MAX_HEADER_FIELDS: usize = 90;
-/// Most distinct counter names one filter may create.
-const MAX_COUNTERS: usize = 128;
 /// Longest log line kept from a filter.
 pub const MAX_LOG_LINE: usize = 4096;
 
@@ -79,15 +78,49 @@ pub struct HostState {
     pub limits: MemoryCap,
     /// The filter's shared context.
     pub ctx: Arc<FilterContext>,
+    /// What the version's manifest grants.
+    pub grants: Arc<Grants>,
+    /// How to undo the head edits of the call in progress (see [`Edits`]).
+    pub edits: Edits,
+    /// CPU accounting of the call in progress (see `compute`).
+    pub meter: super::compute::CallMeter,
+}
+
+impl HostState {
+    /// Lend the heads to the call about to run (see [`Lent`]); its undo
+    /// log starts empty.
+    pub fn lend(&mut self, req: RequestHead, resp: Option<ResponseHead>) {
+        self.lent_request = Some(req);
+        self.lent_response = resp;
+        self.edits = Edits::default();
+    }
+
+    /// Take the heads back after the call, with its undo log. A head is
+    /// missing only if the guest somehow never had it lent.
+    pub fn take_back(&mut self) -> (Option<RequestHead>, Option<ResponseHead>, Edits) {
+        (
+            self.lent_request.take(),
+            self.lent_response.take(),
+            std::mem::take(&mut self.edits),
+        )
+    }
 }
 
 impl HostState {
     /// State for a new instance of the filter behind `ctx`.
-    pub fn new(ctx: Arc<FilterContext>, memory_cap: usize) -> HostState {
+    pub fn new(
+        ctx: Arc<FilterContext>,
+        grants: Arc<Grants>,
+        memory_cap: usize,
+        meter: super::compute::CallMeter,
+    ) -> HostState {
         HostState {
             table: ResourceTable::new(),
             lent_request: None,
             lent_response: None,
+            grants,
+            edits: Edits::default(),
+            meter,
             wasi: WasiCtx::builder()
                 .stdout(LogStdio::new(ctx.name.clone(), Stdio::Stdout))
                 .stderr(LogStdio::new(ctx.name.clone(), Stdio::Stderr))
@@ -191,25 +224,153 @@ fn all(headers: &HeaderMap, name: &str) -> Vec<String> {
         .collect()
 }
 
-fn names(headers: &HeaderMap) -> Vec<String> {
-    headers.keys().map(|k| k.as_str().to_string()).collect()
+/// Count an action the manifest refused, by filter and kind.
+fn denied(filter: &str, what: &'static str) {
+    metrics::counter!("sluicegate_filter_denied_total", "filter" => filter.to_string(), "what" => what).increment(1);
 }
 
-fn set(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), String> {
-    let (n, v) = checked_header(headers, name, value, false)?;
-    headers.insert(n, v);
-    Ok(())
+/// Which head an edit touched.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Request,
+    Response,
 }
 
-fn append(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), String> {
-    let (n, v) = checked_header(headers, name, value, true)?;
-    headers.append(n, v);
-    Ok(())
+/// One undo step: what a head held before an edit.
+#[derive(Debug)]
+enum Undo {
+    Header(Side, HeaderName, Vec<HeaderValue>),
+    Uri(http::Uri),
+    Status(http::StatusCode),
 }
 
-fn remove(headers: &mut HeaderMap, name: &str) {
-    if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-        headers.remove(n);
+/// The undo log of one call's head edits. A filter's edits take effect
+/// only when its call returns normally with a valid action: after a trap,
+/// a timeout or an invalid action, [`Edits::revert`] puts both heads back
+/// as they were, so a failed filter under `fail_open` leaves no trace.
+#[derive(Debug, Default)]
+pub struct Edits(Vec<Undo>);
+
+impl Edits {
+    fn header(&mut self, side: Side, headers: &HeaderMap, name: &HeaderName) {
+        let old = headers.get_all(name).iter().cloned().collect();
+        self.0.push(Undo::Header(side, name.clone(), old));
+    }
+
+    /// True when the call edited nothing.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Undo every edit, newest first.
+    pub fn revert(self, req: Option<&mut RequestHead>, mut resp: Option<&mut ResponseHead>) {
+        let mut req = req;
+        for undo in self.0.into_iter().rev() {
+            match undo {
+                Undo::Header(side, name, old) => {
+                    let headers = match side {
+                        Side::Request => req.as_deref_mut().map(|h| &mut h.parts.headers),
+                        Side::Response => resp.as_deref_mut().map(|h| &mut h.parts.headers),
+                    };
+                    if let Some(headers) = headers {
+                        headers.remove(&name);
+                        for v in old {
+                            headers.append(name.clone(), v);
+                        }
+                    }
+                }
+                Undo::Uri(uri) => {
+                    if let Some(h) = req.as_deref_mut() {
+                        h.parts.uri = uri;
+                    }
+                }
+                Undo::Status(status) => {
+                    if let Some(h) = resp.as_deref_mut() {
+                        h.parts.status = status;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The header-reading and -writing side of the host, with the manifest's
+/// checks and the undo log, shared by both heads.
+impl HostState {
+    fn read_one(&self, headers: &HeaderMap, name: &str) -> Option<String> {
+        if header_listed(&self.grants.hide_headers, name) {
+            return None;
+        }
+        first(headers, name)
+    }
+
+    fn read_all(&self, headers: &HeaderMap, name: &str) -> Vec<String> {
+        if header_listed(&self.grants.hide_headers, name) {
+            return Vec::new();
+        }
+        all(headers, name)
+    }
+
+    fn read_names(&self, headers: &HeaderMap) -> Vec<String> {
+        headers
+            .keys()
+            .map(|k| k.as_str())
+            .filter(|k| !header_listed(&self.grants.hide_headers, k))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn headers_mut(&mut self, side: Side, r: u32) -> Wr<&mut HeaderMap> {
+        match side {
+            Side::Request => Ok(&mut self.lent_mut(&Resource::<RequestHead>::new_borrow(r))?.parts.headers),
+            Side::Response => Ok(&mut self.lent_mut(&Resource::<ResponseHead>::new_borrow(r))?.parts.headers),
+        }
+    }
+
+    fn protected(&self, name: &str) -> bool {
+        let hit = header_listed(&self.grants.protect_headers, name);
+        if hit {
+            denied(&self.ctx.name, "write_header");
+        }
+        hit
+    }
+
+    fn write(&mut self, side: Side, r: u32, name: &str, value: &str, adding: bool) -> Wr<Result<(), String>> {
+        if self.protected(name) {
+            return Ok(Err(format!("header {name:?} is protected by the filter's policy")));
+        }
+        let headers = self.headers_mut(side, r)?;
+        let (n, v) = match checked_header(headers, name, value, adding) {
+            Ok(pair) => pair,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut edits = std::mem::take(&mut self.edits);
+        let headers = self.headers_mut(side, r)?;
+        edits.header(side, headers, &n);
+        if adding {
+            headers.append(n, v);
+        } else {
+            headers.insert(n, v);
+        }
+        self.edits = edits;
+        Ok(Ok(()))
+    }
+
+    fn erase(&mut self, side: Side, r: u32, name: &str) -> Wr<()> {
+        let Ok(n) = HeaderName::from_bytes(name.as_bytes()) else {
+            return Ok(());
+        };
+        if self.protected(name) {
+            return Ok(());
+        }
+        let mut edits = std::mem::take(&mut self.edits);
+        let headers = self.headers_mut(side, r)?;
+        if headers.contains_key(&n) {
+            edits.header(side, headers, &n);
+            headers.remove(n);
+        }
+        self.edits = edits;
+        Ok(())
     }
 }
 
@@ -313,7 +474,8 @@ impl types::HostRequestHead for HostState {
         parts.path_and_query = Some(pq);
         match http::Uri::from_parts(parts) {
             Ok(uri) => {
-                head.parts.uri = uri;
+                let old = std::mem::replace(&mut head.parts.uri, uri);
+                self.edits.0.push(Undo::Uri(old));
                 Ok(Ok(()))
             }
             Err(e) => Ok(Err(format!("invalid path {path:?}: {e}"))),
@@ -326,7 +488,7 @@ impl types::HostRequestHead for HostState {
             .uri
             .authority()
             .map(|a| a.as_str().to_string())
-            .or_else(|| first(&head.parts.headers, "host")))
+            .or_else(|| self.read_one(&head.parts.headers, "host")))
     }
     fn scheme(&mut self, r: Resource<RequestHead>) -> Wr<String> {
         Ok(self.req(&r)?.scheme.to_string())
@@ -335,13 +497,13 @@ impl types::HostRequestHead for HostState {
         Ok(self.req(&r)?.client.to_string())
     }
     fn header(&mut self, r: Resource<RequestHead>, name: String) -> Wr<Option<String>> {
-        Ok(first(&self.req(&r)?.parts.headers, &name))
+        Ok(self.read_one(&self.req(&r)?.parts.headers, &name))
     }
     fn header_all(&mut self, r: Resource<RequestHead>, name: String) -> Wr<Vec<String>> {
-        Ok(all(&self.req(&r)?.parts.headers, &name))
+        Ok(self.read_all(&self.req(&r)?.parts.headers, &name))
     }
     fn header_names(&mut self, r: Resource<RequestHead>) -> Wr<Vec<String>> {
-        Ok(names(&self.req(&r)?.parts.headers))
+        Ok(self.read_names(&self.req(&r)?.parts.headers))
     }
     fn set_header(
         &mut self,
@@ -349,7 +511,7 @@ impl types::HostRequestHead for HostState {
         name: String,
         value: String,
     ) -> Wr<Result<(), String>> {
-        Ok(set(&mut self.req_mut(&r)?.parts.headers, &name, &value))
+        self.write(Side::Request, r.rep(), &name, &value, false)
     }
     fn append_header(
         &mut self,
@@ -357,11 +519,10 @@ impl types::HostRequestHead for HostState {
         name: String,
         value: String,
     ) -> Wr<Result<(), String>> {
-        Ok(append(&mut self.req_mut(&r)?.parts.headers, &name, &value))
+        self.write(Side::Request, r.rep(), &name, &value, true)
     }
     fn remove_header(&mut self, r: Resource<RequestHead>, name: String) -> Wr<()> {
-        remove(&mut self.req_mut(&r)?.parts.headers, &name);
-        Ok(())
+        self.erase(Side::Request, r.rep(), &name)
     }
     fn drop(&mut self, _r: Resource<RequestHead>) -> Wr<()> {
         // Heads are only ever lent (borrowed); the host takes them back.
@@ -376,20 +537,21 @@ impl types::HostResponseHead for HostState {
     fn set_status(&mut self, r: Resource<ResponseHead>, status: u16) -> Wr<Result<(), String>> {
         match http::StatusCode::from_u16(status) {
             Ok(s) => {
-                self.resp_mut(&r)?.parts.status = s;
+                let old = std::mem::replace(&mut self.resp_mut(&r)?.parts.status, s);
+                self.edits.0.push(Undo::Status(old));
                 Ok(Ok(()))
             }
             Err(_) => Ok(Err(format!("invalid status {status}"))),
         }
     }
     fn header(&mut self, r: Resource<ResponseHead>, name: String) -> Wr<Option<String>> {
-        Ok(first(&self.resp(&r)?.parts.headers, &name))
+        Ok(self.read_one(&self.resp(&r)?.parts.headers, &name))
     }
     fn header_all(&mut self, r: Resource<ResponseHead>, name: String) -> Wr<Vec<String>> {
-        Ok(all(&self.resp(&r)?.parts.headers, &name))
+        Ok(self.read_all(&self.resp(&r)?.parts.headers, &name))
     }
     fn header_names(&mut self, r: Resource<ResponseHead>) -> Wr<Vec<String>> {
-        Ok(names(&self.resp(&r)?.parts.headers))
+        Ok(self.read_names(&self.resp(&r)?.parts.headers))
     }
     fn set_header(
         &mut self,
@@ -397,7 +559,7 @@ impl types::HostResponseHead for HostState {
         name: String,
         value: String,
     ) -> Wr<Result<(), String>> {
-        Ok(set(&mut self.resp_mut(&r)?.parts.headers, &name, &value))
+        self.write(Side::Response, r.rep(), &name, &value, false)
     }
     fn append_header(
         &mut self,
@@ -405,11 +567,10 @@ impl types::HostResponseHead for HostState {
         name: String,
         value: String,
     ) -> Wr<Result<(), String>> {
-        Ok(append(&mut self.resp_mut(&r)?.parts.headers, &name, &value))
+        self.write(Side::Response, r.rep(), &name, &value, true)
     }
     fn remove_header(&mut self, r: Resource<ResponseHead>, name: String) -> Wr<()> {
-        remove(&mut self.resp_mut(&r)?.parts.headers, &name);
-        Ok(())
+        self.erase(Side::Response, r.rep(), &name)
     }
     fn drop(&mut self, _r: Resource<ResponseHead>) -> Wr<()> {
         Ok(())
@@ -485,7 +646,8 @@ impl wit_metrics::Host for HostState {
             c.increment(delta);
             return Ok(());
         }
-        if counters.len() >= MAX_COUNTERS || name.len() > 128 {
+        if counters.len() as u64 >= self.grants.max_metrics || name.len() > 128 {
+            denied(&self.ctx.name, "metric");
             return Ok(());
         }
         let c = metrics::counter!("sluicegate_filter_counter_total", "filter" => self.ctx.name.to_string(), "name" => name.clone());

@@ -7,7 +7,9 @@
 //! one instance made and `init` called with its config → live. A version
 //! that fails any step never goes live; the last good one stays.
 
+pub mod artifacts;
 pub mod chain;
+pub mod compute;
 pub mod engine;
 pub mod host_api;
 pub mod instance;
@@ -18,6 +20,7 @@ pub mod tool;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -60,6 +63,18 @@ pub struct FilterStatus {
     pub state: &'static str,
     /// The most recent error, if any.
     pub last_error: Option<String>,
+    /// The live version's capability manifest.
+    pub grants: Option<crate::config::Grants>,
+    /// True while the live version's calls run on the compute pool.
+    pub slow: bool,
+    /// Calls made, every phase.
+    pub calls: u64,
+    /// Calls shed for being over `max_cpu_percent`.
+    pub shed: u64,
+    /// CPU the filter's calls have used, seconds.
+    pub cpu_seconds: f64,
+    /// Its CPU share, percent of all worker threads.
+    pub max_cpu_percent: Option<f64>,
 }
 
 /// The live filters: an immutable snapshot, swapped whole.
@@ -116,6 +131,12 @@ impl FilterSet {
                     loaded_at: live.map(|v| unix_secs(v.loaded_at)),
                     state,
                     last_error,
+                    grants: live.map(|v| v.policy.grants.clone()),
+                    slow: live.is_some_and(|v| v.is_slow()),
+                    calls: live.map_or(0, |v| v.stats.calls.load(Relaxed)),
+                    shed: live.map_or(0, |v| v.stats.cpu.shed.load(Relaxed)),
+                    cpu_seconds: live.map_or(0.0, |v| v.stats.cpu.used_ns.load(Relaxed) as f64 / 1e9),
+                    max_cpu_percent: live.map(|v| v.policy.max_cpu_percent),
                 }
             })
             .collect()
@@ -145,14 +166,15 @@ pub struct FilterRuntime {
 }
 
 impl FilterRuntime {
-    /// A runtime with no filters loaded yet.
-    pub fn new(config: &FiltersConfig) -> anyhow::Result<FilterRuntime> {
+    /// A runtime with no filters loaded yet; CPU shares are reckoned
+    /// against `workers` worker threads.
+    pub fn new(config: &FiltersConfig, workers: usize) -> anyhow::Result<FilterRuntime> {
         let cache = config
             .cache_dir
             .clone()
-            .or_else(|| Some(std::env::temp_dir().join("sluicegate-cache")));
+            .or_else(artifacts::default_dir);
         Ok(FilterRuntime {
-            engine: FilterEngine::new(cache)?,
+            engine: FilterEngine::new(cache, config.compute_threads, workers)?,
             kv: kv::KvRegistry::default(),
             stats: Mutex::new(HashMap::new()),
             current: ArcSwap::from_pointee(FilterSet::default()),
@@ -239,6 +261,38 @@ impl FilterRuntime {
         tracing::info!(filter = name, hash = &hash[..12], caps = ?version.caps, "filter loaded");
         Ok(Arc::new(version))
     }
+}
+
+/// `sluicegate check --filters`: load every filter the config's routes
+/// name, with its config and policy, exactly as the proxy would. Returns
+/// how many loaded; the error lists every failure with its file and
+/// reason (one per line).
+pub fn check_filters(config: &crate::config::Config) -> anyhow::Result<usize> {
+    let fc = &config.filters;
+    let runtime = FilterRuntime::new(fc, config.proxy.worker_threads())?;
+    let mut errors = runtime.reload(fc);
+    let set = runtime.current();
+    let mut named = std::collections::BTreeSet::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        for name in &route.filters {
+            let name = name.get_ref();
+            if named.insert(name.clone()) && !set.has_file(name) {
+                let dir = fc.dir.as_deref().unwrap_or(Path::new("?"));
+                errors.push(format!(
+                    "route[{i}] names filter {name:?}, but {} has no {name}.wasm",
+                    dir.display()
+                ));
+            }
+        }
+    }
+    if errors.is_empty() {
+        return Ok(set.names().len());
+    }
+    anyhow::bail!(
+        "{} filter problem(s):\n  {}",
+        errors.len(),
+        errors.join("\n  ")
+    )
 }
 
 /// Compile on a helper thread, giving up after `timeout` (the thread is

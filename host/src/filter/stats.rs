@@ -35,6 +35,8 @@ pub struct FilterStats {
     pub last_error: Mutex<Option<String>>,
     latency: std::sync::Arc<crate::hist::Histogram>,
     calls_metric: metrics::Counter,
+    /// The filter's CPU share (see `compute`).
+    pub cpu: super::compute::CpuShare,
 }
 
 impl std::fmt::Debug for FilterStats {
@@ -62,6 +64,7 @@ impl FilterStats {
             last_error: Mutex::new(None),
             latency: crate::hist::histogram("sluicegate_filter_call_seconds", "filter", name),
             calls_metric: metrics::counter!("sluicegate_filter_calls_total", "filter" => name.to_string()),
+            cpu: super::compute::CpuShare::new(name),
         }
     }
 
@@ -85,7 +88,9 @@ impl FilterStats {
             FilterFailure::Timeout(_) => (&self.timeouts, "timeout"),
             FilterFailure::OutOfMemory(_) => (&self.oom, "oom"),
             FilterFailure::Invalid(_) => (&self.invalid, "invalid"),
-            FilterFailure::Quarantined | FilterFailure::Missing => return,
+            FilterFailure::Quarantined | FilterFailure::Missing | FilterFailure::Overloaded => {
+                return
+            }
             FilterFailure::Trap(_) | FilterFailure::Instantiate(_) => (&self.traps, "trap"),
         };
         counter.fetch_add(1, Ordering::Relaxed);

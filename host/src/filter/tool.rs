@@ -41,8 +41,8 @@ pub struct Sample {
 /// Where `filter test` and `filter bench` cache compiled artifacts: the
 /// proxy's default, so a filter compiled once (an interpreted-language
 /// component takes seconds) is mapped in milliseconds by the next run.
-pub fn default_cache_dir() -> std::path::PathBuf {
-    std::env::temp_dir().join("sluicegate-cache")
+pub fn default_cache_dir() -> Option<std::path::PathBuf> {
+    super::artifacts::default_dir()
 }
 
 /// Load `wasm` with the filter config in `config_file` (a TOML table, the
@@ -81,11 +81,17 @@ pub fn load(
     };
     let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
     // Artifacts are written before this short-lived process exits.
-    let engine = FilterEngine::new(Some(default_cache_dir()))?.with_sync_cache();
+    let engine = FilterEngine::new(default_cache_dir(), 1, 1)?.with_sync_cache();
     let hash = super::engine::content_hash(&bytes);
     let component = engine
         .compile(&bytes, &hash)
         .with_context(|| format!("{}: not a valid filter component", wasm.display()))?;
+    // The proxy's default manifest, except that any upstream may be
+    // named (there are none here) and the CPU share is the whole core.
+    let mut grants = crate::config::FiltersConfig::default()
+        .policy_for(&name)
+        .grants;
+    grants.upstreams = crate::config::UpstreamGrant::Any;
     let policy = FilterPolicy {
         timeout_ms: 1000,
         init_timeout_ms: 10_000,
@@ -93,6 +99,9 @@ pub fn load(
         on_error: OnError::FailClosed,
         isolation,
         max_requests_per_instance: u64::MAX,
+        max_cpu_percent: 100.0,
+        cpu_queue_ms: 0,
+        grants,
     };
     let ctx = Arc::new(FilterContext::new(
         Arc::from(name.as_str()),
@@ -205,9 +214,12 @@ pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
     let mut head = request_head(sample)?;
     let mut answered = false;
     if caps.request_phase {
-        let (back, result) = version.on_request(head);
-        head = back;
-        match result.map_err(|f| anyhow::anyhow!("request phase failed: {f}"))? {
+        let called = version.on_request_inline(head);
+        head = called.req;
+        match called
+            .result
+            .map_err(|f| anyhow::anyhow!("request phase failed: {f}"))?
+        {
             RequestAction::Continue => println!("action: continue"),
             RequestAction::Route(u) => println!("action: route to upstream {u:?}"),
             RequestAction::Respond(local) => {
@@ -221,9 +233,11 @@ pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
     }
     if caps.request_body && !answered {
         let body = sample.body.clone().unwrap_or_default();
-        let (back, result) = version.on_request_body(head, &body);
-        head = back;
-        let action = result.map_err(|f| anyhow::anyhow!("request body phase failed: {f}"))?;
+        let called = version.on_request_body_inline(head, body.into());
+        head = called.req;
+        let action = called
+            .result
+            .map_err(|f| anyhow::anyhow!("request body phase failed: {f}"))?;
         answered = matches!(action, BodyAction::Respond(_));
         print_body_action("request body", &action);
     }
@@ -232,10 +246,13 @@ pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
     if sample.response_status.is_some() && !answered {
         let mut resp = response_head(sample)?;
         if caps.response_phase {
-            let (back, r, result) = version.on_response(head, resp);
-            head = back;
-            resp = r;
-            match result.map_err(|f| anyhow::anyhow!("response phase failed: {f}"))? {
+            let called = version.on_response_inline(head, resp);
+            head = called.req;
+            resp = called.resp.unwrap_or_else(empty_response);
+            match called
+                .result
+                .map_err(|f| anyhow::anyhow!("response phase failed: {f}"))?
+            {
                 ResponseAction::Continue => println!("response action: continue"),
                 ResponseAction::Respond(local) => {
                     println!("response action: respond");
@@ -247,9 +264,11 @@ pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
         }
         if caps.response_body {
             let body = sample.response_body.clone().unwrap_or_default();
-            let (_, r, result) = version.on_response_body(head, resp, &body);
-            resp = r;
-            let action = result.map_err(|f| anyhow::anyhow!("response body phase failed: {f}"))?;
+            let called = version.on_response_body_inline(head, resp, body.into());
+            resp = called.resp.unwrap_or_else(empty_response);
+            let action = called
+                .result
+                .map_err(|f| anyhow::anyhow!("response body phase failed: {f}"))?;
             print_body_action("response body", &action);
         }
         print_head(
@@ -266,37 +285,37 @@ pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
 fn one_request(
     version: &FilterVersion,
     sample: &Sample,
-    body: &[u8],
+    body: &bytes::Bytes,
     mut head: RequestHead,
 ) -> anyhow::Result<RequestHead> {
     let caps = &version.caps;
     if caps.request_phase {
-        let (back, r) = version.on_request(head);
-        head = back;
-        if let RequestAction::Respond(_) = r.map_err(|f| anyhow::anyhow!("{f}"))? {
+        let called = version.on_request_inline(head);
+        head = called.req;
+        if let RequestAction::Respond(_) = called.result.map_err(|f| anyhow::anyhow!("{f}"))? {
             return Ok(head);
         }
     }
     if caps.request_body {
-        let (back, r) = version.on_request_body(head, body);
-        head = back;
-        if let BodyAction::Respond(_) = r.map_err(|f| anyhow::anyhow!("{f}"))? {
+        let called = version.on_request_body_inline(head, body.clone());
+        head = called.req;
+        if let BodyAction::Respond(_) = called.result.map_err(|f| anyhow::anyhow!("{f}"))? {
             return Ok(head);
         }
     }
     if caps.response_phase || caps.response_body {
         let mut resp = response_head(sample)?;
         if caps.response_phase {
-            let (back, r, result) = version.on_response(head, resp);
-            head = back;
-            resp = r;
-            result.map_err(|f| anyhow::anyhow!("{f}"))?;
+            let called = version.on_response_inline(head, resp);
+            head = called.req;
+            resp = called.resp.unwrap_or_else(empty_response);
+            called.result.map_err(|f| anyhow::anyhow!("{f}"))?;
         }
         if caps.response_body {
             let body = sample.response_body.clone().unwrap_or_default();
-            let (back, _, result) = version.on_response_body(head, resp, &body);
-            head = back;
-            result.map_err(|f| anyhow::anyhow!("{f}"))?;
+            let called = version.on_response_body_inline(head, resp, body.into());
+            head = called.req;
+            called.result.map_err(|f| anyhow::anyhow!("{f}"))?;
         }
     }
     Ok(head)
@@ -306,7 +325,7 @@ fn one_request(
 /// return the cost per request in microseconds.
 pub fn bench(version: &FilterVersion, sample: &Sample, calls: u64) -> anyhow::Result<f64> {
     let template = request_head(sample)?;
-    let body = sample.body.clone().unwrap_or_default();
+    let body = bytes::Bytes::from(sample.body.clone().unwrap_or_default());
     let mut head = RequestHead {
         parts: template.parts.clone(),
         client: template.client,
@@ -324,4 +343,10 @@ pub fn bench(version: &FilterVersion, sample: &Sample, calls: u64) -> anyhow::Re
     }
     let per_call = started.elapsed().as_secs_f64() * 1e6 / calls as f64;
     Ok(per_call)
+}
+
+fn empty_response() -> ResponseHead {
+    ResponseHead {
+        parts: http::Response::new(()).into_parts().0,
+    }
 }

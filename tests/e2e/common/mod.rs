@@ -33,13 +33,15 @@ pub async fn within<F: Future>(secs: u64, what: &str, fut: F) -> F::Output {
     }
 }
 
-/// A built filter component, `target/filters/<name>.wasm`.
+/// A built filter component: an example in `target/filters/<name>.wasm`,
+/// or a test fixture in `target/test-filters/<name>.wasm`.
 pub fn wasm(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../target/filters/{name}.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e} (run scripts/build-filters.sh)"))
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../target");
+    let example = format!("{root}/filters/{name}.wasm");
+    let fixture = format!("{root}/test-filters/{name}.wasm");
+    std::fs::read(&example)
+        .or_else(|_| std::fs::read(&fixture))
+        .unwrap_or_else(|e| panic!("{example} or {fixture}: {e} (run scripts/build-filters.sh)"))
 }
 
 /// Where the `versioned` filter keeps the ten digits it reports.
