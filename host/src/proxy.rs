@@ -239,7 +239,9 @@ impl Proxy {
                 RequestDecision::Forward { upstream: None } => {}
             }
             if chain.wants_request_body() {
-                match self.filter_request_body(chain, &mut head, req_body).await {
+                // Boxed, as the request phase: the body phases' futures
+                // are only carried by the requests that have them.
+                match Box::pin(self.filter_request_body(chain, &mut head, req_body)).await {
                     Ok(b) => req_body = b,
                     Err(resp) => {
                         return (self.finish_opt(Some(chain), ran, head, resp).await, label)
@@ -457,7 +459,9 @@ impl Proxy {
                     )
                 }
             };
-            let bytes = chain.on_response_body(ran, &mut req, &mut head, bytes).await;
+            let bytes = chain
+                .on_response_body(ran, &mut req, &mut head, bytes)
+                .await;
             set_length(&mut head.parts.headers, bytes.len());
             body = body::full(bytes);
         }

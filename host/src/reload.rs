@@ -153,7 +153,11 @@ pub async fn reload_config(proxy: Arc<Proxy>, path: PathBuf) -> Result<(), Strin
     }
     config.pin_restart_only(&old.config);
     if !config.pending_restart.is_empty() {
-        let keys: Vec<&str> = config.pending_restart.iter().map(|(k, _)| k.as_str()).collect();
+        let keys: Vec<&str> = config
+            .pending_restart
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
         tracing::warn!(
             "{} changed in the config; they apply after a restart (the running values are kept, and /config lists them under pending_restart; certificate files reload by themselves)",
             keys.join(", ")

@@ -193,7 +193,11 @@ async fn probe_actions_respond_route_and_response_edits() {
         .upstream("app", &[app.addr()])
         .upstream("other", &[other.addr()])
         .route_with_filters(None, "/", "app", &["probe"]);
-    let p = start(cfg, &["probe"], "[filters.policy.probe]\nupstreams = [\"*\"]\n");
+    let p = start(
+        cfg,
+        &["probe"],
+        "[filters.policy.probe]\nupstreams = [\"*\"]\n",
+    );
 
     let r = get(
         &p,

@@ -335,7 +335,10 @@ async fn limits_apply_on_reload_and_restart_only_keys_are_reported() {
     p.wait_output("configuration reloaded", 10).await;
     let log = p.wait_output("apply after a restart", 5).await;
     assert!(log.contains("proxy.workers"), "{log}");
-    assert!(raw(60).await.starts_with("HTTP/1.1 431"), "the new limit holds");
+    assert!(
+        raw(60).await.starts_with("HTTP/1.1 431"),
+        "the new limit holds"
+    );
     let config: serde_json::Value =
         serde_json::from_str(&p.admin_get("/config").await.text()).unwrap();
     assert_eq!(

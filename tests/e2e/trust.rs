@@ -37,7 +37,7 @@ async fn get(p: &Proxy, path: &str, headers: &[(&str, &str)]) -> Resp {
 
 async fn metric(p: &Proxy, name: &str) -> f64 {
     let text = p.admin_get("/metrics").await.text();
-    metric_value(&text, name).unwrap_or(0.0)
+    metric_value(&text, name)
 }
 
 // ---- the artifact cache -------------------------------------------------
@@ -199,7 +199,9 @@ async fn a_cache_directory_of_another_user_is_refused() {
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
     let p = cached_proxy(&app, &cache);
     serves_correctly(&p).await;
-    let log = p.wait_output("refusing the filter artifact cache", 10).await;
+    let log = p
+        .wait_output("refusing the filter artifact cache", 10)
+        .await;
     assert!(log.contains("world-writable"), "{log}");
     assert!(artifacts(&cache).is_empty(), "nothing written there");
     drop(p);
@@ -214,7 +216,9 @@ async fn a_cache_directory_of_another_user_is_refused() {
     if chowned {
         let p = cached_proxy(&app, &cache);
         serves_correctly(&p).await;
-        let log = p.wait_output("refusing the filter artifact cache", 10).await;
+        let log = p
+            .wait_output("refusing the filter artifact cache", 10)
+            .await;
         assert!(log.contains("owned by uid"), "{log}");
     }
 }
@@ -268,7 +272,11 @@ async fn routing_outside_the_grant_takes_the_filters_on_error() {
     let r = get(&p, "/", &[("x-probe-action", "route=canary")]).await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
     drop(p);
-    let p = start(cfg, &["probe"], "[filters.policy.probe]\nupstreams = [\"*\"]\n");
+    let p = start(
+        cfg,
+        &["probe"],
+        "[filters.policy.probe]\nupstreams = [\"*\"]\n",
+    );
     let r = get(&p, "/", &[("x-probe-action", "route=admin")]).await;
     assert_eq!(r.backend(), "admin");
     let status: serde_json::Value =
@@ -306,7 +314,11 @@ async fn hidden_headers_never_reach_the_filter_but_reach_the_upstream() {
         "header-names hides them: {names}"
     );
     assert!(names.contains("x-probe-all"), "{names}");
-    assert_eq!(e.one("authorization"), "Bearer s3cret", "the upstream gets it");
+    assert_eq!(
+        e.one("authorization"),
+        "Bearer s3cret",
+        "the upstream gets it"
+    );
     assert_eq!(e.one("cookie"), "sid=1");
     let status: serde_json::Value =
         serde_json::from_str(&p.admin_get("/filters").await.text()).unwrap();
@@ -340,7 +352,11 @@ async fn protected_headers_cannot_be_written_by_default() {
     drop(p);
 
     // Granted by clearing the list.
-    let p = start(cfg, &["probe"], "[filters.policy.probe]\nprotect_headers = []\n");
+    let p = start(
+        cfg,
+        &["probe"],
+        "[filters.policy.probe]\nprotect_headers = []\n",
+    );
     let r = get(&p, "/", &[("x-probe-append", "x-forwarded-for=6.6.6.6")]).await;
     assert!(r.echo().one("x-forwarded-for").contains("6.6.6.6"));
 }
@@ -363,7 +379,10 @@ async fn a_filter_that_may_not_respond_is_refused_and_kv_quotas_hold() {
     let r = get(&p, "/", &[("x-probe-kv", "a")]).await;
     let e = r.echo();
     assert_eq!(e.one("x-probe-count"), "1");
-    assert!(e.one("x-probe-kv-ok").starts_with("false"), "quota of 1 entry");
+    assert!(
+        e.one("x-probe-kv-ok").starts_with("false"),
+        "quota of 1 entry"
+    );
     let r = get(&p, "/", &[("x-probe-kv", "b")]).await;
     assert!(
         r.echo().one("x-probe-count").contains("full"),
@@ -383,16 +402,33 @@ async fn a_filter_that_traps_after_editing_leaves_no_trace_under_fail_open() {
         &["probe"],
         "[filters.policy.probe]\non_error = \"fail_open\"\n",
     );
-    let r = get(&p, "/", &[("x-probe-trap", "request"), ("x-probe-append", "x-half=done")]).await;
+    let r = get(
+        &p,
+        "/",
+        &[
+            ("x-probe-trap", "request"),
+            ("x-probe-append", "x-half=done"),
+        ],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "the upstream answers: {r:?}");
     let e = r.echo();
-    assert!(!e.has("x-probe-method"), "no edit of the trapped call survives");
+    assert!(
+        !e.has("x-probe-method"),
+        "no edit of the trapped call survives"
+    );
     assert!(!e.has("x-half"), "no appended header either");
-    assert!(r.header("x-probe-response").is_some(), "the response phase still runs");
+    assert!(
+        r.header("x-probe-response").is_some(),
+        "the response phase still runs"
+    );
 
     let r = get(&p, "/", &[("x-probe-trap", "response")]).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(r.echo().has("x-probe-method"), "the request phase's edits stand");
+    assert!(
+        r.echo().has("x-probe-method"),
+        "the request phase's edits stand"
+    );
     assert!(
         r.header("x-probe-response").is_none() && r.header("x-probe-status-seen").is_none(),
         "the trapped response phase left nothing"
@@ -426,8 +462,14 @@ fn check_filters_names_the_broken_filter_and_passes_the_demo() {
     let out = check(&config);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("broken.wasm") && err.contains("not a valid filter component"), "{err}");
-    assert!(err.contains("badinit.wasm") && err.contains("init failed"), "{err}");
+    assert!(
+        err.contains("broken.wasm") && err.contains("not a valid filter component"),
+        "{err}"
+    );
+    assert!(
+        err.contains("badinit.wasm") && err.contains("init failed"),
+        "{err}"
+    );
     assert!(err.contains("\"absent\""), "{err}");
     assert!(!err.contains("good.wasm"), "{err}");
 

@@ -134,7 +134,10 @@ impl Filter for Probe {
         if let Some(spin) = req.header("x-probe-spin-ms") {
             spin_for(spin.trim().parse::<u64>().ok());
         }
-        if let Some(n) = req.header("x-probe-work").and_then(|n| n.trim().parse::<u64>().ok()) {
+        if let Some(n) = req
+            .header("x-probe-work")
+            .and_then(|n| n.trim().parse::<u64>().ok())
+        {
             let mut x = work(n.min(1_000_000) * 100, 1);
             if x == 42 {
                 x += 1;
@@ -294,7 +297,9 @@ fn spin_for(ms: Option<u64>) {
 /// `thousands` × 1,000 rounds of a hash chain from `x`.
 fn work(thousands: u64, mut x: u64) -> u64 {
     for _ in 0..thousands * 1000 {
-        x = core::hint::black_box(x.rotate_left(7).wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5851_f42d);
+        x = core::hint::black_box(
+            x.rotate_left(7).wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5851_f42d,
+        );
     }
     x
 }

@@ -191,7 +191,8 @@ pub const DEFAULT_PROTECTED_HEADERS: [&str; 4] = ["host", "x-forwarded-*", "forw
 pub fn header_listed(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| match p.strip_suffix('*') {
         Some(prefix) => {
-            name.len() >= prefix.len() && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+            name.len() >= prefix.len()
+                && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
         }
         None => name.eq_ignore_ascii_case(p),
     })
@@ -212,7 +213,12 @@ impl FiltersConfig {
         let upstreams = over
             .and_then(|p| p.upstreams.as_ref())
             .or(d.upstreams.as_ref())
-            .map(|l| l.get_ref().iter().map(|s| s.get_ref().clone()).collect::<Vec<_>>())
+            .map(|l| {
+                l.get_ref()
+                    .iter()
+                    .map(|s| s.get_ref().clone())
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_default();
         let upstreams = if upstreams.iter().any(|u| u == "*") {
             UpstreamGrant::Any
@@ -244,7 +250,10 @@ impl FiltersConfig {
                 upstreams,
                 hide_headers: list(|p| p.hide_headers.as_ref()).unwrap_or_default(),
                 protect_headers: list(|p| p.protect_headers.as_ref()).unwrap_or_else(|| {
-                    DEFAULT_PROTECTED_HEADERS.iter().map(|s| s.to_string()).collect()
+                    DEFAULT_PROTECTED_HEADERS
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect()
                 }),
                 may_respond: over
                     .and_then(|p| p.may_respond)
@@ -391,7 +400,10 @@ dir = "f"
         assert!(header_listed(&g.hide_headers, "X-Secret-Token"));
         assert!(!header_listed(&g.hide_headers, "x-secre"));
         assert!(g.protect_headers.is_empty() && !g.may_respond);
-        assert_eq!(c.filters.policy_for("star").grants.upstreams, UpstreamGrant::Any);
+        assert_eq!(
+            c.filters.policy_for("star").grants.upstreams,
+            UpstreamGrant::Any
+        );
     }
 
     #[test]
@@ -401,7 +413,7 @@ dir = "f"
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("x.toml: line 21: filters.policy.t.upstreams[1]:"),
+            e.starts_with("x.toml: line 20: filters.policy.t.upstreams[1]:"),
             "{e}"
         );
         assert!(e.contains("\"nope\""), "{e}");

@@ -175,11 +175,9 @@ impl ArtifactCache {
     pub fn store(&self, hash: &str, compat: &str, bytes: &[u8]) -> std::io::Result<()> {
         let tag = self.mac(hash, compat, bytes).finalize().into_bytes();
         let path = self.path(hash, compat);
-        let tmp = self.dir.join(format!(
-            ".tmp-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{}-{}", std::process::id(), fastrand::u64(..)));
         let written = (|| {
             let mut f = OpenOptions::new()
                 .write(true)

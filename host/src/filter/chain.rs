@@ -138,13 +138,11 @@ impl Chain {
                     }
                     Err(e) => Some(FilterFailure::Invalid(e)),
                 },
-                Ok(RequestAction::Route(name)) if !grants.upstreams.allows(&name) => {
-                    Some(denied(
-                        step,
-                        "route",
-                        format!("route to upstream {name:?}, which its policy does not grant"),
-                    ))
-                }
+                Ok(RequestAction::Route(name)) if !grants.upstreams.allows(&name) => Some(denied(
+                    step,
+                    "route",
+                    format!("route to upstream {name:?}, which its policy does not grant"),
+                )),
                 Ok(RequestAction::Route(name)) if upstream_exists(&name) => {
                     upstream = Some(name);
                     None
@@ -189,8 +187,7 @@ impl Chain {
             let taken = std::mem::replace(head, placeholder());
             let mut called = version.on_request_body(taken, body.clone()).await;
             let result = std::mem::replace(&mut called.result, Err(FilterFailure::Missing));
-            let outcome =
-                result.and_then(|a| body_action(a, &version.policy.grants, step));
+            let outcome = result.and_then(|a| body_action(a, &version.policy.grants, step));
             if outcome.is_err() {
                 called.revert();
             }

@@ -377,7 +377,10 @@ mod tests {
         share.charge(Duration::from_millis(12)); // 2 ms in debt: 20 ms to repay
         assert!(!share.admit(Duration::from_millis(5)).await, "shed");
         assert_eq!(share.shed.load(Ordering::Relaxed), 1);
-        assert!(share.admit(Duration::from_millis(500)).await, "queued, then admitted");
+        assert!(
+            share.admit(Duration::from_millis(500)).await,
+            "queued, then admitted"
+        );
     }
 
     #[test]

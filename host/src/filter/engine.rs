@@ -13,8 +13,8 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::artifacts::ArtifactCache;
-use super::compute::ComputePool;
 use super::bindings::Filter;
+use super::compute::ComputePool;
 use super::host_api::HostState;
 
 /// One epoch tick: the granularity of CPU deadlines. 2 ms, not 1: the
@@ -194,4 +194,3 @@ fn store(cache: &ArtifactCache, hash: &str, compat: &str, bytes: &[u8]) {
 pub fn content_hash(wasm: &[u8]) -> String {
     hex::encode(Sha256::digest(wasm))
 }
-

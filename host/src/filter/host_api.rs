@@ -322,8 +322,14 @@ impl HostState {
 
     fn headers_mut(&mut self, side: Side, r: u32) -> Wr<&mut HeaderMap> {
         match side {
-            Side::Request => Ok(&mut self.lent_mut(&Resource::<RequestHead>::new_borrow(r))?.parts.headers),
-            Side::Response => Ok(&mut self.lent_mut(&Resource::<ResponseHead>::new_borrow(r))?.parts.headers),
+            Side::Request => Ok(&mut self
+                .lent_mut(&Resource::<RequestHead>::new_borrow(r))?
+                .parts
+                .headers),
+            Side::Response => Ok(&mut self
+                .lent_mut(&Resource::<ResponseHead>::new_borrow(r))?
+                .parts
+                .headers),
         }
     }
 
@@ -335,9 +341,18 @@ impl HostState {
         hit
     }
 
-    fn write(&mut self, side: Side, r: u32, name: &str, value: &str, adding: bool) -> Wr<Result<(), String>> {
+    fn write(
+        &mut self,
+        side: Side,
+        r: u32,
+        name: &str,
+        value: &str,
+        adding: bool,
+    ) -> Wr<Result<(), String>> {
         if self.protected(name) {
-            return Ok(Err(format!("header {name:?} is protected by the filter's policy")));
+            return Ok(Err(format!(
+                "header {name:?} is protected by the filter's policy"
+            )));
         }
         let headers = self.headers_mut(side, r)?;
         let (n, v) = match checked_header(headers, name, value, adding) {

@@ -65,7 +65,6 @@ pub enum FilterFailure {
     Instantiate(String),
 }
 
-
 /// The handler's exports, looked up once per version.
 struct Exports {
     init: ComponentExportIndex,
@@ -162,7 +161,9 @@ fn run_sync(warm: &mut Warm, args: &Args) -> wasmtime::Result<Output> {
             Output::Response(f.on_response.call(store, (req_handle(), resp_handle()))?.0)
         }
         Args::RequestBody(body) => {
-            let func = f.on_request_body.typed::<BodyParams<'_>, (BodyAction,)>(&*store)?;
+            let func = f
+                .on_request_body
+                .typed::<BodyParams<'_>, (BodyAction,)>(&*store)?;
             Output::Body(func.call(store, (req_handle(), body))?.0)
         }
         Args::ResponseBody(body) => {
@@ -187,7 +188,9 @@ async fn run_async(warm: &mut Warm, args: &Args) -> wasmtime::Result<Output> {
                 .0,
         ),
         Args::RequestBody(body) => {
-            let func = f.on_request_body.typed::<BodyParams<'_>, (BodyAction,)>(&*store)?;
+            let func = f
+                .on_request_body
+                .typed::<BodyParams<'_>, (BodyAction,)>(&*store)?;
             Output::Body(func.call_async(store, (req_handle(), body)).await?.0)
         }
         Args::ResponseBody(body) => {
@@ -279,7 +282,9 @@ impl FilterVersion {
         let exports = Exports::new(component)?;
         ctx.kv
             .set_limits(policy.grants.kv_max_entries, policy.grants.kv_max_bytes);
-        stats.cpu.set_limit(policy.max_cpu_percent, engine.workers());
+        stats
+            .cpu
+            .set_limit(policy.max_cpu_percent, engine.workers());
         let mut version = FilterVersion {
             name: ctx.name.clone(),
             hash,

@@ -80,7 +80,8 @@ impl KvStore {
     /// loaded version's apply). Entries already stored are kept.
     pub fn set_limits(&self, max_entries: u64, max_bytes: u64) {
         let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
-        self.max_entries.store(clamp(max_entries), Ordering::Relaxed);
+        self.max_entries
+            .store(clamp(max_entries), Ordering::Relaxed);
         self.max_bytes.store(clamp(max_bytes), Ordering::Relaxed);
     }
 
@@ -175,7 +176,12 @@ impl KvStore {
     /// Live entries (for the admin API).
     pub fn len(&self) -> usize {
         let now = Instant::now();
-        self.map.lock().entries.values().filter(|e| e.live(now)).count()
+        self.map
+            .lock()
+            .entries
+            .values()
+            .filter(|e| e.live(now))
+            .count()
     }
 
     /// Bytes held (keys plus values, expired entries not yet swept

@@ -135,7 +135,8 @@ impl FilterSet {
                     slow: live.is_some_and(|v| v.is_slow()),
                     calls: live.map_or(0, |v| v.stats.calls.load(Relaxed)),
                     shed: live.map_or(0, |v| v.stats.cpu.shed.load(Relaxed)),
-                    cpu_seconds: live.map_or(0.0, |v| v.stats.cpu.used_ns.load(Relaxed) as f64 / 1e9),
+                    cpu_seconds: live
+                        .map_or(0.0, |v| v.stats.cpu.used_ns.load(Relaxed) as f64 / 1e9),
                     max_cpu_percent: live.map(|v| v.policy.max_cpu_percent),
                 }
             })
@@ -169,10 +170,7 @@ impl FilterRuntime {
     /// A runtime with no filters loaded yet; CPU shares are reckoned
     /// against `workers` worker threads.
     pub fn new(config: &FiltersConfig, workers: usize) -> anyhow::Result<FilterRuntime> {
-        let cache = config
-            .cache_dir
-            .clone()
-            .or_else(artifacts::default_dir);
+        let cache = config.cache_dir.clone().or_else(artifacts::default_dir);
         Ok(FilterRuntime {
             engine: FilterEngine::new(cache, config.compute_threads, workers)?,
             kv: kv::KvRegistry::default(),
