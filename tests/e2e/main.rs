@@ -24,3 +24,4 @@ mod reload;
 mod smuggling;
 mod soak;
 mod tls;
+mod upstream_keepalive;
