@@ -216,6 +216,29 @@ struct Slice {
     drain_rest: bool,
 }
 
+impl Slice {
+    /// The range is out: read the rest into the store, if it is being
+    /// stored (in the background; the client's body ends now).
+    fn drain(&mut self) {
+        let Some(rest) = self.inner.take() else {
+            return;
+        };
+        if self.drain_rest && self.pos >= self.end && !rest.is_end_stream() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(super::tee::drain(rest));
+            }
+        }
+    }
+}
+
+impl Drop for Slice {
+    fn drop(&mut self) {
+        // hyper stops polling once the announced length is out, so the end
+        // of the range is usually seen here, not in `poll_frame`.
+        self.drain();
+    }
+}
+
 impl Body for Slice {
     type Data = Bytes;
     type Error = BoxError;
@@ -227,11 +250,7 @@ impl Body for Slice {
         let this = &mut *self;
         loop {
             if this.pos >= this.end {
-                if let Some(rest) = this.inner.take() {
-                    if this.drain_rest && !rest.is_end_stream() {
-                        tokio::spawn(super::tee::drain(rest));
-                    }
-                }
+                this.drain();
                 return Poll::Ready(None);
             }
             let Some(inner) = this.inner.as_mut() else {
