@@ -451,11 +451,9 @@ mod tests {
             .quick_hit(&request("/a?b=1", "example.com"), late)
             .is_none());
         // A response that varies: never quick.
-        for extra in [("vary", "accept-encoding")] {
-            let entry = stored(&[extra], t0);
-            assert!(entry
-                .quick_hit(&request("/a?b=1", "example.com"), soon)
-                .is_none());
-        }
+        let entry = stored(&[("vary", "accept-encoding")], t0);
+        assert!(entry
+            .quick_hit(&request("/a?b=1", "example.com"), soon)
+            .is_none());
     }
 }
