@@ -15,6 +15,10 @@ Both are verified first: the second request must be a hit (`Cache-Status: sluice
 which goes first, and the ratio sluicegate/nginx of requests per second per round and of the
 medians. Afterwards the backend's log must show (almost) no requests during the measurement: the
 numbers are cache hits, not proxying. Results: bench/out/cache/results.{md,json}.
+
+`--range`: the same, on a 10 MB object (`/big.bin`, a static file of the backend with
+`max-age=3600`), each request `Range: bytes=1048576-1114111` (64 KiB from 1 MiB); both must answer
+`206` from the store. Results: bench/out/cache-range/.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ http {{
     access_log {work / 'backend' / 'access.log'};
     server {{
         listen 127.0.0.1:{port} backlog=4096;
+        location = /big.bin {{
+            root {work / 'backend'};
+            add_header Cache-Control "public, max-age=3600" always;
+        }}
         location / {{
             default_type text/plain;
             add_header Cache-Control "public, max-age=3600" always;
@@ -90,6 +98,10 @@ endpoints = ["127.0.0.1:{backend}"]
 path_prefix = "/"
 upstream = "app"
 cache = true
+
+[cache]
+max_bytes = 67108864
+max_object_bytes = 16777216
 """
 
 
@@ -97,6 +109,35 @@ def is_hit(key: str, hdrs: dict) -> bool:
     if key == "sluicegate":
         return hdrs.get("cache-status", "").startswith("sluicegate; hit")
     return hdrs.get("x-cache-status") == "HIT"
+
+
+RANGE = "bytes=1048576-1114111"
+BIG = 10 * 1024 * 1024
+
+
+def big_body() -> bytes:
+    return bytes((i * 7 + i // 251) % 256 for i in range(BIG))
+
+
+def verify_range_hits(t: B.Target, body: bytes) -> dict:
+    """The second and later range requests must be 206 hits with the right bytes."""
+    import http.client
+    hdrs: dict = {}
+    c = http.client.HTTPConnection("127.0.0.1", t.port, timeout=10)
+    for i in range(3):
+        c.request("GET", "/big.bin", headers={"Range": RANGE, "User-Agent": "sluicegate-bench-verify"})
+        r = c.getresponse()
+        got = r.read()
+        hdrs = {k.lower(): v for k, v in r.getheaders()}
+        if r.status != 206 or got != body[1048576:1114112]:
+            raise B.BenchError(f"{t.label}: range request {i}: status {r.status}, {len(got)} bytes")
+        if i > 0 and not is_hit(t.key, hdrs):
+            # nginx's proxy_cache takes a moment to commit a 10 MB file.
+            time.sleep(0.5)
+    c.close()
+    if not is_hit(t.key, hdrs):
+        raise B.BenchError(f"{t.label}: range requests were not cache hits: {hdrs}")
+    return hdrs
 
 
 def verify_hits(t: B.Target) -> dict:
@@ -128,8 +169,11 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="3 rounds of 3 s")
     ap.add_argument("--sluicegate", default=str(B.ROOT / "target/release/sluicegate"))
-    ap.add_argument("--out", default=str(B.BENCH / "out" / "cache"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--range", action="store_true", help="64 KiB range hits of a 10 MB object")
     args, unknown = ap.parse_known_args()
+    if args.out is None:
+        args.out = str(B.BENCH / "out" / ("cache-range" if args.range else "cache"))
     if unknown:
         B.log(f"ignoring options for the main harness: {' '.join(unknown)}")
     rounds, duration = (3, 3) if args.quick else (args.rounds, args.duration)
@@ -139,6 +183,9 @@ def main() -> int:
     if work.exists():
         shutil.rmtree(work)
     (work / "backend").mkdir(parents=True)
+    body = big_body() if args.range else b""
+    if args.range:
+        (work / "backend" / "big.bin").write_bytes(body)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not shutil.which("wrk"):
         raise B.BenchError("wrk not found (bench/run.sh --cache installs it)")
@@ -178,20 +225,24 @@ def main() -> int:
                                                "-p", str(work / "nginx"), "-c", str(cfg)],
                                work / "nginx" / "stdout.log", match="nginx"))
     targets["nginx"] = t
+    verify = (lambda t: verify_range_hits(t, body)) if args.range else verify_hits
+    wrk_extra = ["-H", f"Range: {RANGE}"] if args.range else []
+    url = (lambda t: t.url.rstrip("/") + "/big.bin") if args.range else (lambda t: t.url)
     for t in targets.values():
         B.wait_ready(procs, t, 60)
-        verify_hits(t)
+        verify(t)
         B.log(f"verified {t.label}: hits")
 
     for t in targets.values():  # warm-up
-        subprocess.run(["wrk", "-t1", f"-c{args.connections}", "-d1s", t.url],
+        subprocess.run(["wrk", "-t1", f"-c{args.connections}", "-d1s", *wrk_extra, url(t)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     before = backend_requests(work)
     results: dict[str, list[dict]] = {k: [] for k in targets}
     order = list(targets)
     for rnd in range(rounds):
         for key in (order if rnd % 2 == 0 else order[::-1]):
-            argv = ["wrk", "-t1", f"-c{args.connections}", f"-d{duration}s", "--latency", targets[key].url]
+            argv = ["wrk", "-t1", f"-c{args.connections}", f"-d{duration}s", "--latency", *wrk_extra,
+                    url(targets[key])]
             p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=duration + 60)
             o = p.stdout.decode(errors="replace")
             (work / f"r{rnd + 1}-{key}.wrk.txt").write_text(" ".join(argv) + "\n" + o)
@@ -204,7 +255,7 @@ def main() -> int:
             time.sleep(0.5)
     origin_during = backend_requests(work) - before
     for t in targets.values():
-        verify_hits(t)
+        verify(t)
 
     per_round = [s["rps"] / n["rps"] for s, n in zip(results["sluicegate"], results["nginx"])]
     med = {k: statistics.median(r["rps"] for r in v) for k, v in results.items()}
@@ -221,7 +272,8 @@ def main() -> int:
     md = [
         f"# Cache hits: Sluicegate vs nginx proxy_cache ({doc['date']})", "",
         f"{rounds} interleaved rounds x {duration} s, `wrk -t1 -c{args.connections}`, one worker each, "
-        f"`GET /` (12-byte body, `max-age=3600`).", "",
+        + (f"`GET /big.bin` with `Range: {RANGE}` (64 KiB of a 10 MB object, `206`)." if args.range
+           else "`GET /` (12-byte body, `max-age=3600`).") + "", "",
         "| target | median rps | median p99 ms |", "|---|---:|---:|",
         *(f"| {targets[k].label} | {med[k]:,.0f} | {p99[k]:.2f} |" for k in targets), "",
         f"**sluicegate / nginx = {ratio:.2f}x** (per round: {', '.join(f'{x:.2f}' for x in per_round)}; "

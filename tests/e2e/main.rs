@@ -26,3 +26,4 @@ mod smuggling;
 mod soak;
 mod tls;
 mod trust;
+mod upstream_keepalive;

@@ -741,3 +741,12 @@ async fn load_task<F, Fut>(
         i += 1;
     }
 }
+
+/// 1,000 PUTs spaced 0.9–1.1 s apart (about 17 minutes) against an origin
+/// that closes idle connections after 1 s: none fails. The default suite
+/// runs 40 (`upstream_keepalive::`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: run alone by scripts/test.sh"]
+async fn puts_around_an_idle_close_1000() {
+    crate::upstream_keepalive::puts_around_an_idle_close(1000).await;
+}

@@ -1,11 +1,17 @@
 //! The admin API of the cache: `GET /cache` (statistics) and
-//! `POST /cache/purge` (an exact URL or a prefix).
+//! `POST /cache/purge` (exact URLs, prefixes, tags).
 //!
-//! A purge target is either a full URL (`http://host/path?q`, scheme and
-//! host case-insensitive), which names keys on that host, or a path
-//! (`/path?q`), which names that path on every host. Given as JSON
-//! (`{"url": "..."}` or `{"prefix": "..."}`) or as the query
-//! (`/cache/purge?url=...` / `?prefix=...`).
+//! A URL or prefix target is either a full URL (`http://host/path?q`,
+//! scheme and host case-insensitive), which names keys on that host, or a
+//! path (`/path?q`), which names that path on every host. A tag names
+//! every entry whose origin response carried it in `Surrogate-Key` or
+//! `Cache-Tag`. Given as JSON (`{"url": "..."}`, `{"prefix": "..."}`,
+//! `{"tags": ["a", "b"]}`, or several of these) or as the query
+//! (`?url=...`, `?prefix=...`, `?tag=a&tag=b`).
+//!
+//! Every purge, whoever asks for it, goes through [`HttpCache::purge`]
+//! with one [`Purge`]: the hook for a purge that must also reach other
+//! replicas.
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -16,13 +22,16 @@ use serde::Deserialize;
 use super::HttpCache;
 use crate::body::{self, ProxyBody};
 
-/// What `POST /cache/purge` removes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PurgeTarget {
-    /// Exactly this URL (every variant).
-    Url(String),
-    /// Every URL starting with this.
-    Prefix(String),
+/// What a purge removes: every stored URL any member names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Purge {
+    /// Exact URLs (`http://host/p?q`) or paths (`/p?q`, any host); every
+    /// variant.
+    pub urls: Vec<String>,
+    /// URL or path prefixes.
+    pub prefixes: Vec<String>,
+    /// Tags from `Surrogate-Key` / `Cache-Tag`.
+    pub tags: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -30,52 +39,73 @@ pub enum PurgeTarget {
 struct PurgeBody {
     url: Option<String>,
     prefix: Option<String>,
+    tag: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
 }
 
-impl PurgeTarget {
+/// Longest tag list one purge may carry.
+const MAX_PURGE_TAGS: usize = 1024;
+
+impl Purge {
     /// From the query string or, failing that, a JSON body.
-    pub fn parse(query: Option<&str>, body: &[u8]) -> Result<PurgeTarget, String> {
-        let (mut url, mut prefix) = (None, None);
+    pub fn parse(query: Option<&str>, body: &[u8]) -> Result<Purge, String> {
+        let mut p = Purge::default();
         for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             match &*k {
-                "url" => url = Some(v.into_owned()),
-                "prefix" => prefix = Some(v.into_owned()),
+                "url" => p.urls.push(normalize(&v)?),
+                "prefix" => p.prefixes.push(normalize(&v)?),
+                "tag" => p.tags.push(v.trim().to_string()),
                 other => return Err(format!("unknown query parameter {other:?}")),
             }
         }
-        if url.is_none() && prefix.is_none() && !body.iter().all(u8::is_ascii_whitespace) {
-            let b: PurgeBody = serde_json::from_slice(body)
-                .map_err(|e| format!("body is not {{\"url\": ...}} or {{\"prefix\": ...}}: {e}"))?;
-            (url, prefix) = (b.url, b.prefix);
+        if p.is_empty() && !body.iter().all(u8::is_ascii_whitespace) {
+            let b: PurgeBody = serde_json::from_slice(body).map_err(|e| {
+                format!(
+                    "body is not {{\"url\": ...}}, {{\"prefix\": ...}} or {{\"tags\": [...]}}: {e}"
+                )
+            })?;
+            p.urls.extend(b.url.as_deref().map(normalize).transpose()?);
+            p.prefixes
+                .extend(b.prefix.as_deref().map(normalize).transpose()?);
+            p.tags.extend(b.tag);
+            p.tags.extend(b.tags);
         }
-        let target = match (url, prefix) {
-            (Some(u), None) => PurgeTarget::Url(normalize(&u)?),
-            (None, Some(p)) => PurgeTarget::Prefix(normalize(&p)?),
-            (Some(_), Some(_)) => return Err("give either url or prefix, not both".into()),
-            (None, None) => return Err("give url or prefix (query or JSON body)".into()),
-        };
-        Ok(target)
+        p.tags.retain(|t| !t.is_empty());
+        if p.tags.len() > MAX_PURGE_TAGS {
+            return Err(format!("at most {MAX_PURGE_TAGS} tags per purge"));
+        }
+        if p.is_empty() {
+            return Err("give url, prefix or tags (query or JSON body)".into());
+        }
+        Ok(p)
     }
 
-    /// Does this target name `key` (`scheme://host/path?q`)?
-    pub fn matches(&self, key: &str) -> bool {
-        let (want, exact) = match self {
-            PurgeTarget::Url(u) => (u.as_str(), true),
-            PurgeTarget::Prefix(p) => (p.as_str(), false),
-        };
-        let subject = if want.starts_with('/') {
-            match key_path(key) {
-                Some(p) => p,
-                None => return false,
+    /// Names nothing?
+    pub fn is_empty(&self) -> bool {
+        self.urls.is_empty() && self.prefixes.is_empty() && self.tags.is_empty()
+    }
+
+    /// Does a URL or prefix of this purge name `key` (`scheme://host/path?q`)?
+    pub fn names_key(&self, key: &str) -> bool {
+        let path = key_path(key);
+        let subject = |want: &str| {
+            if want.starts_with('/') {
+                path
+            } else {
+                Some(key)
             }
-        } else {
-            key
         };
-        if exact {
-            subject == want
-        } else {
-            subject.starts_with(want)
-        }
+        self.urls.iter().any(|u| subject(u) == Some(u.as_str()))
+            || self
+                .prefixes
+                .iter()
+                .any(|p| subject(p).is_some_and(|s| s.starts_with(p.as_str())))
+    }
+
+    /// Does a tag of this purge name an entry with these tags?
+    pub fn names_tags(&self, tags: &[Box<str>]) -> bool {
+        !self.tags.is_empty() && tags.iter().any(|t| self.tags.iter().any(|w| **t == **w))
     }
 }
 
@@ -112,13 +142,32 @@ fn key_path(key: &str) -> Option<&str> {
 }
 
 impl HttpCache {
-    /// Remove what `target` names; how many URLs were removed.
-    pub fn purge(&self, target: &PurgeTarget) -> usize {
-        let n = match target {
-            PurgeTarget::Url(u) if !u.starts_with('/') => self.store.remove(u) as usize,
-            _ => self.store.purge(|k| target.matches(k)),
+    /// Remove every stored URL `purge` names; how many. Exact full URLs
+    /// are removed by key; paths, prefixes and tags scan the store.
+    pub fn purge(&self, purge: &Purge) -> usize {
+        let mut n = 0;
+        let mut scan = Purge {
+            tags: purge.tags.clone(),
+            prefixes: purge.prefixes.clone(),
+            urls: Vec::new(),
         };
+        for u in &purge.urls {
+            if u.starts_with('/') {
+                scan.urls.push(u.clone());
+            } else {
+                n += self.store.remove(u) as usize;
+            }
+        }
+        if !scan.is_empty() {
+            n += self.store.purge(|k, variants| {
+                scan.names_key(k) || variants.iter().any(|v| scan.names_tags(&v.tags))
+            });
+        }
         self.stats.bytes.set(self.store.bytes() as f64);
+        self.stats
+            .purged
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.stats.m_purged.increment(n as u64);
         n
     }
 
@@ -142,6 +191,7 @@ impl HttpCache {
             "misses": misses,
             "stale": load(&s.stale),
             "revalidations": load(&s.revalidations),
+            "purged": load(&s.purged),
             "hit_ratio": ratio,
             "evictions": self.store.evictions(),
             "in_flight": self.flights.len(),
@@ -162,16 +212,18 @@ pub async fn purge_request(cache: &HttpCache, req: Request<Incoming>) -> Respons
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
     };
-    match PurgeTarget::parse(query.as_deref(), &body) {
-        Ok(target) => {
-            let purged = cache.purge(&target);
-            let (kind, value) = match &target {
-                PurgeTarget::Url(u) => ("url", u),
-                PurgeTarget::Prefix(p) => ("prefix", p),
-            };
-            tracing::info!(kind, target = %value, purged, "cache purge");
+    match Purge::parse(query.as_deref(), &body) {
+        Ok(purge) => {
+            let purged = cache.purge(&purge);
+            tracing::info!(urls = ?purge.urls, prefixes = ?purge.prefixes, tags = ?purge.tags, purged, "cache purge");
             let mut resp = Response::new(body::full(
-                serde_json::json!({ "purged": purged, kind: value }).to_string(),
+                serde_json::json!({
+                    "purged": purged,
+                    "urls": purge.urls,
+                    "prefixes": purge.prefixes,
+                    "tags": purge.tags,
+                })
+                .to_string(),
             ));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -188,28 +240,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_parse_from_query_or_json() {
-        assert_eq!(
-            PurgeTarget::parse(Some("url=http%3A%2F%2FHost%2Fa%3Fb%3D1"), b"").unwrap(),
-            PurgeTarget::Url("http://host/a?b=1".into())
-        );
-        assert_eq!(
-            PurgeTarget::parse(None, br#"{"prefix": "/img/"}"#).unwrap(),
-            PurgeTarget::Prefix("/img/".into())
-        );
-        assert!(PurgeTarget::parse(None, b"").is_err());
-        assert!(PurgeTarget::parse(None, br#"{"url": "x"}"#).is_err());
-        assert!(PurgeTarget::parse(Some("nope=1"), b"").is_err());
+    fn purges_parse_from_query_or_json() {
+        let p = Purge::parse(Some("url=http%3A%2F%2FHost%2Fa%3Fb%3D1"), b"").unwrap();
+        assert_eq!(p.urls, ["http://host/a?b=1"]);
+        let p = Purge::parse(None, br#"{"prefix": "/img/"}"#).unwrap();
+        assert_eq!(p.prefixes, ["/img/"]);
+        let p = Purge::parse(Some("tag=a&tag=b"), b"").unwrap();
+        assert_eq!(p.tags, ["a", "b"]);
+        let p = Purge::parse(None, br#"{"tags": ["x", ""], "tag": "y"}"#).unwrap();
+        assert_eq!(p.tags, ["y", "x"]);
+        assert!(Purge::parse(None, b"").is_err());
+        assert!(Purge::parse(None, br#"{"tags": []}"#).is_err());
+        assert!(Purge::parse(None, br#"{"url": "x"}"#).is_err());
+        assert!(Purge::parse(Some("nope=1"), b"").is_err());
     }
 
     #[test]
-    fn targets_match_keys() {
+    fn purges_name_keys_and_tags() {
         let key = "http://h/img/a.png?v=2";
-        assert!(PurgeTarget::Url("http://h/img/a.png?v=2".into()).matches(key));
-        assert!(PurgeTarget::Url("/img/a.png?v=2".into()).matches(key));
-        assert!(!PurgeTarget::Url("/img/a.png".into()).matches(key));
-        assert!(PurgeTarget::Prefix("/img/".into()).matches(key));
-        assert!(PurgeTarget::Prefix("http://h/img".into()).matches(key));
-        assert!(!PurgeTarget::Prefix("http://other/".into()).matches(key));
+        let url = |u: &str| Purge {
+            urls: vec![u.into()],
+            ..Purge::default()
+        };
+        let prefix = |p: &str| Purge {
+            prefixes: vec![p.into()],
+            ..Purge::default()
+        };
+        assert!(url("http://h/img/a.png?v=2").names_key(key));
+        assert!(url("/img/a.png?v=2").names_key(key));
+        assert!(!url("/img/a.png").names_key(key));
+        assert!(prefix("/img/").names_key(key));
+        assert!(prefix("http://h/img").names_key(key));
+        assert!(!prefix("http://other/").names_key(key));
+        let tags = Purge {
+            tags: vec!["b".into()],
+            ..Purge::default()
+        };
+        assert!(tags.names_tags(&["a".into(), "b".into()]));
+        assert!(!tags.names_tags(&["a".into()]));
+        assert!(!url("/x").names_tags(&["a".into()]));
     }
 }

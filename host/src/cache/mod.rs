@@ -11,16 +11,21 @@
 //! - [`revalidate`]: stale entries (stale-while-revalidate, conditional
 //!   revalidation and `304` merge, stale-if-error);
 //! - [`policy`]: RFC 9111 decisions beyond `http-cache-semantics`;
+//! - [`rfc`]: the corrected view of a response the crate decides on;
+//! - [`conditional`], [`range`]: `304`, `206` and `416` from the store;
 //! - [`key`]: the cache key, unkeyed headers, invalidation targets;
 //! - [`store`]: the byte-bounded store and [`store::CachedResponse`];
 //! - [`flight`]: coalescing; [`tee`]: store while streaming;
 //! - [`status`]: `Cache-Status`; [`admin`]: purge and statistics.
 
 pub mod admin;
+pub mod conditional;
 pub mod flight;
 pub mod key;
 pub mod policy;
+pub mod range;
 pub mod revalidate;
+pub mod rfc;
 pub mod serve;
 pub mod status;
 pub mod store;
@@ -46,11 +51,11 @@ pub struct HttpCache {
 }
 
 /// The `[cache]` settings read on the request path.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Settings {
     max_variants: usize,
-    heuristic_percent: u32,
     lock_timeout: Duration,
+    rules: policy::Rules,
 }
 
 impl HttpCache {
@@ -84,8 +89,8 @@ impl HttpCache {
             stats,
             settings: Settings {
                 max_variants: config.max_variants,
-                heuristic_percent: config.heuristic_percent,
                 lock_timeout: Duration::from_millis(config.lock_timeout_ms),
+                rules: policy::Rules::new(config.heuristic_percent, config.reading()),
             },
         }
     }
@@ -110,10 +115,12 @@ struct Stats {
     misses: AtomicU64,
     stale: AtomicU64,
     revalidations: AtomicU64,
+    purged: AtomicU64,
     m_hits: metrics::Counter,
     m_misses: metrics::Counter,
     m_stale: metrics::Counter,
     m_revalidations: metrics::Counter,
+    m_purged: metrics::Counter,
     bytes: metrics::Gauge,
 }
 
@@ -124,10 +131,12 @@ impl Stats {
             misses: AtomicU64::new(0),
             stale: AtomicU64::new(0),
             revalidations: AtomicU64::new(0),
+            purged: AtomicU64::new(0),
             m_hits: metrics::counter!("sluicegate_cache_hits_total"),
             m_misses: metrics::counter!("sluicegate_cache_misses_total"),
             m_stale: metrics::counter!("sluicegate_cache_stale_total"),
             m_revalidations: metrics::counter!("sluicegate_cache_revalidations_total"),
+            m_purged: metrics::counter!("sluicegate_cache_purged_total"),
             bytes: metrics::gauge!("sluicegate_cache_bytes"),
         }
     }

@@ -1,22 +1,160 @@
-//! RFC 9111 decisions. Freshness, storability, `Vary` matching, `Age` and
-//! the merge of a `304` come from the `http-cache-semantics` crate; this
-//! file adds what it leaves to the cache: the RFC 5861 stale extensions
-//! (`stale-while-revalidate`, `stale-if-error`), whether serving stale is
-//! forbidden (`must-revalidate`, `proxy-revalidate`, `no-cache`), and how
-//! variants of one URL are told apart.
+//! RFC 9111 decisions. Freshness, storability, `Vary` matching and `Age`
+//! come from the `http-cache-semantics` crate, shown a corrected view of
+//! each response (`rfc.rs`); this file adds what it leaves to the cache:
+//! the RFC 5861 stale extensions (`stale-while-revalidate`,
+//! `stale-if-error`), whether serving stale is forbidden (`must-revalidate`,
+//! `proxy-revalidate`, `no-cache`), how variants of one URL are told apart
+//! (with `Accept-Encoding` / `Accept-Language` normalised), purge tags, and
+//! which methods invalidate.
 
 use std::time::Duration;
 
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
 use http_cache_semantics::CacheOptions;
 
-/// The crate's options for a shared cache.
-pub fn options(heuristic_percent: u32) -> CacheOptions {
-    CacheOptions {
-        shared: true,
-        cache_heuristic: heuristic_percent as f32 / 100.0,
-        ..CacheOptions::default()
+use super::rfc::{self, Reading};
+
+/// How responses are read and stored: the crate's options and the
+/// targeted-field settings.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// The crate's options for a shared cache.
+    pub opts: CacheOptions,
+    /// `CDN-Cache-Control` and the like (RFC 9213).
+    pub reading: Reading,
+}
+
+impl Rules {
+    /// A shared cache with this heuristic and these targeted fields.
+    pub fn new(heuristic_percent: u32, reading: Reading) -> Rules {
+        Rules {
+            opts: CacheOptions {
+                shared: true,
+                cache_heuristic: heuristic_percent as f32 / 100.0,
+                ..CacheOptions::default()
+            },
+            reading,
+        }
     }
+
+    /// The view of `head` the crate decides on (see `rfc.rs`); `None`: not
+    /// to be stored.
+    pub fn view(&self, head: &http::response::Parts) -> Option<http::response::Parts> {
+        rfc::response_view(head, &self.reading)
+    }
+}
+
+/// Safe methods (RFC 9110 §9.2.1 and the IANA method registry): they never
+/// invalidate. Any other method, extension methods included, answered with
+/// a `2xx` or `3xx`, invalidates (RFC 9111 §4.4).
+pub fn is_safe(method: &Method) -> bool {
+    matches!(
+        method.as_str(),
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PROPFIND" | "REPORT" | "SEARCH"
+    )
+}
+
+/// `surrogate-key`: space-separated purge tags (Fastly's convention).
+pub const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
+/// `cache-tag`: comma-separated purge tags (Cloudflare's convention).
+pub const CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
+/// Most tags kept per response, and the longest tag.
+const MAX_TAGS: usize = 64;
+const MAX_TAG_LEN: usize = 256;
+
+/// Remove the tag fields from a response head; the tags they carried
+/// (deduplicated, at most [`MAX_TAGS`], each at most [`MAX_TAG_LEN`] bytes).
+pub fn take_tags(headers: &mut HeaderMap) -> Vec<Box<str>> {
+    let mut tags: Vec<Box<str>> = Vec::new();
+    for (name, sep) in [(SURROGATE_KEY, ' '), (CACHE_TAG, ',')] {
+        for v in headers
+            .get_all(&name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
+            for t in v.split(sep).map(str::trim).filter(|t| !t.is_empty()) {
+                if t.len() <= MAX_TAG_LEN
+                    && tags.len() < MAX_TAGS
+                    && !tags.iter().any(|x| &**x == t)
+                {
+                    tags.push(t.into());
+                }
+            }
+        }
+        headers.remove(&name);
+    }
+    tags
+}
+
+/// Put `Accept-Encoding` and `Accept-Language` in one canonical form, so
+/// that requests that mean the same match the same variant: members
+/// lower-cased, whitespace removed, duplicates dropped, sorted by
+/// preference (`q`, highest first) and then by name. `gzip, br` and
+/// `BR,gzip` both become `br, gzip`; `fr;q=0.5, en` becomes `en, fr;q=0.5`.
+pub fn normalise_vary_fields(headers: &mut HeaderMap) {
+    for name in [header::ACCEPT_ENCODING, header::ACCEPT_LANGUAGE] {
+        if !headers.contains_key(&name) {
+            continue;
+        }
+        let joined: Vec<String> = headers
+            .get_all(&name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_string)
+            .collect();
+        let canonical = canonical_accept(&joined.join(","));
+        if let Ok(v) = HeaderValue::from_str(&canonical) {
+            headers.insert(name, v);
+        }
+    }
+}
+
+/// See [`normalise_vary_fields`].
+fn canonical_accept(value: &str) -> String {
+    let mut members: Vec<(u32, String)> = Vec::new();
+    for m in value.split(',') {
+        let m: String = m
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        if m.is_empty() {
+            continue;
+        }
+        let (token, params) = m.split_once(';').unwrap_or((m.as_str(), ""));
+        let q = params
+            .split(';')
+            .find_map(|p| p.strip_prefix("q="))
+            .and_then(|q| q.parse::<f32>().ok())
+            .map_or(1000, |q| (q.clamp(0.0, 1.0) * 1000.0).round() as u32);
+        let member = if q == 1000 {
+            token.to_string()
+        } else {
+            format!("{token};q={}", trim_q(q))
+        };
+        if !members
+            .iter()
+            .any(|(_, x)| x.split(';').next() == Some(token))
+        {
+            members.push((q, member));
+        }
+    }
+    members.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    members
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `q` in thousandths as the shortest decimal: 500 → `0.5`, 0 → `0`.
+fn trim_q(q: u32) -> String {
+    if q == 0 {
+        return "0".into();
+    }
+    let s = format!("0.{q:03}");
+    s.trim_end_matches('0').to_string()
 }
 
 /// `Cache-Control` directives as `(name, value)`, names lower-case.
@@ -125,7 +263,6 @@ pub fn variant_id(upstream: &str, request: &HeaderMap, response: &HeaderMap) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
@@ -164,6 +301,42 @@ mod tests {
             a,
             variant_id("canary", &h(&[("accept-encoding", "gzip")]), &resp)
         );
+    }
+
+    #[test]
+    fn accept_fields_are_normalised() {
+        assert_eq!(canonical_accept("gzip, br"), "br, gzip");
+        assert_eq!(canonical_accept(" BR ,gzip,, gzip"), "br, gzip");
+        assert_eq!(
+            canonical_accept("fr;q=0.5, en-US, de;q=0.50"),
+            "en-us, de;q=0.5, fr;q=0.5"
+        );
+        assert_eq!(canonical_accept("*;q=0, identity"), "identity, *;q=0");
+        let mut h = h(&[("accept-language", "FR, en"), ("accept-encoding", "gzip")]);
+        h.append("accept-encoding", HeaderValue::from_static("br"));
+        normalise_vary_fields(&mut h);
+        assert_eq!(h["accept-language"], "en, fr");
+        assert_eq!(h["accept-encoding"], "br, gzip");
+        assert_eq!(h.get_all("accept-encoding").iter().count(), 1);
+    }
+
+    #[test]
+    fn tags_are_read_and_removed() {
+        let mut resp = h(&[("surrogate-key", "a  b a"), ("cache-tag", "c, b,d")]);
+        let tags = take_tags(&mut resp);
+        let tags: Vec<&str> = tags.iter().map(|t| &**t).collect();
+        assert_eq!(tags, ["a", "b", "c", "d"]);
+        assert!(resp.is_empty());
+    }
+
+    #[test]
+    fn extension_methods_are_unsafe() {
+        for m in ["GET", "HEAD", "OPTIONS", "TRACE", "PROPFIND"] {
+            assert!(is_safe(&Method::from_bytes(m.as_bytes()).unwrap()), "{m}");
+        }
+        for m in ["POST", "PUT", "DELETE", "PATCH", "PURGEX", "MKCOL", "LINK"] {
+            assert!(!is_safe(&Method::from_bytes(m.as_bytes()).unwrap()), "{m}");
+        }
     }
 
     #[test]

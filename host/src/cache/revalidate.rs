@@ -2,18 +2,24 @@
 //! (stale-while-revalidate), or revalidate it with a conditional request
 //! (`If-None-Match` / `If-Modified-Since`, merged on `304`), serving it
 //! stale if the origin fails (stale-if-error).
+//!
+//! A `304` is matched to the entry and merged here, not by the crate
+//! (RFC 9111 §4.3.4, §3.2; see [`selects`] and [`merge_304`]): the crate
+//! took a `304` without a validator for a changed resource, dropped the
+//! entry and asked the origin again without validators, so the origin saw
+//! two requests where one was due.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use http_cache_semantics::AfterResponse;
 
 use super::flight::{FlightGuard, Join};
 use super::serve::{ttl, with_status, CacheRequest, MakeOrigin, Origin};
 use super::status::{CacheStatus, Fwd};
 use super::store::CachedResponse;
+use super::tee::drain;
 use super::{policy, HttpCache};
 use crate::body::{self, ProxyBody};
 use crate::config::CacheRule;
@@ -100,13 +106,13 @@ impl HttpCache {
                 return None;
             }
             match e.policy.before_request(parts, now) {
-                http_cache_semantics::BeforeRequest::Fresh(head) => {
+                http_cache_semantics::BeforeRequest::Fresh(_) => {
                     let status = CacheStatus {
                         collapsed: true,
                         fwd_status: Some(304),
                         ..CacheStatus::fwd(Fwd::Stale)
                     };
-                    Some(e.respond(head, method, status))
+                    Some(e.respond_dated(e.head_at(now), method, status))
                 }
                 _ => None,
             }
@@ -171,27 +177,23 @@ impl HttpCache {
         match result {
             Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
                 let (head, _) = resp.into_parts();
-                let now = SystemTime::now();
-                match entry.policy.after_response(&conditional, &head, now) {
-                    AfterResponse::NotModified(policy, merged) => {
-                        let date = head.headers.get(http::header::DATE).cloned();
-                        let refreshed = entry.refreshed(policy, merged, date);
-                        self.put(key, refreshed.clone());
-                        drop(guard);
-                        status.fwd_status = Some(304);
-                        status.stored = true;
-                        status.ttl = Some(ttl(&refreshed));
-                        (refreshed.respond_stale(&Method::GET, status), true)
-                    }
-                    AfterResponse::Modified(..) => {
-                        // The 304 does not match what we hold: drop it and
-                        // ask again without validators.
-                        self.invalidate(&key);
-                        let r = self
-                            .fetch_and_admit(cr, key, parts, status, guard, origin)
-                            .await;
-                        (r, true)
-                    }
+                if selects(&entry.head.headers, &head.headers) {
+                    let merged = merge_304(&entry.head, &head);
+                    let refreshed = entry.refreshed(&parts, merged, &self.settings.rules);
+                    self.put(key, refreshed.clone());
+                    drop(guard);
+                    status.fwd_status = Some(304);
+                    status.stored = true;
+                    status.ttl = Some(ttl(&refreshed));
+                    (refreshed.respond_stale(&Method::GET, status), true)
+                } else {
+                    // The 304 names another representation than the one
+                    // we hold: drop ours and ask again without validators.
+                    self.invalidate(&key);
+                    let r = self
+                        .fetch_and_admit(cr, key, parts, status, guard, origin)
+                        .await;
+                    (r, true)
                 }
             }
             Ok(resp) if resp.status().is_server_error() && may_serve_stale => {
@@ -248,11 +250,128 @@ fn stale_for(entry: &CachedResponse) -> Duration {
         .unwrap_or_default()
 }
 
-/// Read a body to its end (so a tee stores it), discarding it.
-async fn drain(mut body: ProxyBody) {
-    while let Some(frame) = body.frame().await {
-        if frame.is_err() {
-            break;
+/// Does a `304` (its fields `fresh`) select the stored response (`stored`)
+/// we revalidated (RFC 9111 §4.3.4)? A strong `ETag` must equal the stored
+/// one, a weak one match it weakly; without an `ETag`, a `Last-Modified`
+/// must equal the stored one. A `304` with no validator at all answers the
+/// conditional request we built from this very entry's validators, so it
+/// selects it.
+pub fn selects(stored: &HeaderMap, fresh: &HeaderMap) -> bool {
+    let get = |h: &HeaderMap, n: header::HeaderName| {
+        h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
+    };
+    if let Some(tag) = get(fresh, header::ETAG) {
+        let Some(ours) = get(stored, header::ETAG) else {
+            return false;
+        };
+        return if tag.starts_with("W/") {
+            super::conditional::weak_eq(&tag, &ours)
+        } else {
+            super::conditional::strong_eq(&tag, &ours)
+        };
+    }
+    if let Some(lm) = fresh.get(header::LAST_MODIFIED) {
+        let ours = stored
+            .get(header::LAST_MODIFIED)
+            .and_then(super::rfc::parse_date);
+        return ours.is_some() && ours == super::rfc::parse_date(lm);
+    }
+    true
+}
+
+/// The stored head updated by a `304` (RFC 9111 §3.2): every field the
+/// `304` carries replaces the stored one, except the framing and content
+/// fields that describe the stored body (`Content-Length`,
+/// `Content-Encoding`, `Content-Range`, `Transfer-Encoding`) and hop-by-hop
+/// fields. The stored status stays.
+pub fn merge_304(
+    stored: &http::response::Parts,
+    not_modified: &http::response::Parts,
+) -> http::response::Parts {
+    let mut merged = stored.clone();
+    let mut fresh = not_modified.headers.clone();
+    crate::headers::remove_hop_by_hop(&mut fresh);
+    for name in [
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::CONTENT_RANGE,
+        header::TRANSFER_ENCODING,
+    ] {
+        fresh.remove(name);
+    }
+    for name in fresh.keys() {
+        merged.headers.remove(name);
+    }
+    for (name, value) in fresh.iter() {
+        merged.headers.append(name, value.clone());
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(*k, HeaderValue::from_static(v));
         }
+        m
+    }
+
+    const LM: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
+
+    #[test]
+    fn a_304_selects_by_validator_or_without_one() {
+        let stored = h(&[("etag", "\"v1\""), ("last-modified", LM)]);
+        assert!(selects(&stored, &h(&[])), "no validator: ours");
+        assert!(selects(&stored, &h(&[("etag", "\"v1\"")])));
+        assert!(selects(&stored, &h(&[("etag", "W/\"v1\"")])));
+        assert!(!selects(&stored, &h(&[("etag", "\"v2\"")])));
+        assert!(selects(&stored, &h(&[("last-modified", LM)])));
+        assert!(!selects(
+            &stored,
+            &h(&[("last-modified", "Mon, 07 Nov 1994 08:49:37 GMT")])
+        ));
+        assert!(!selects(
+            &h(&[("etag", "W/\"v1\"")]),
+            &h(&[("etag", "\"v1\"")])
+        ));
+        assert!(!selects(&h(&[]), &h(&[("etag", "\"v1\"")])));
+    }
+
+    #[test]
+    fn a_304_updates_all_but_the_body_fields() {
+        let mut b = Response::builder()
+            .status(203)
+            .header("cache-control", "max-age=1")
+            .header("content-length", "5")
+            .header("x-a", "old");
+        b = b
+            .header("x-keep", "1")
+            .header("set", "a")
+            .header("set", "b");
+        let stored = b.body(()).unwrap().into_parts().0;
+        let nm = Response::builder()
+            .status(304)
+            .header("cache-control", "max-age=60")
+            .header("content-length", "0")
+            .header("x-a", "new")
+            .header("set", "c")
+            .header("connection", "close")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let m = merge_304(&stored, &nm);
+        assert_eq!(m.status, 203);
+        assert_eq!(m.headers["cache-control"], "max-age=60");
+        assert_eq!(m.headers["content-length"], "5");
+        assert_eq!(m.headers["x-a"], "new");
+        assert_eq!(m.headers["x-keep"], "1");
+        assert_eq!(m.headers.get_all("set").iter().collect::<Vec<_>>(), ["c"]);
+        assert!(!m.headers.contains_key("connection"));
     }
 }

@@ -2,11 +2,13 @@
 //! from lookup to the response the response filters will see.
 //!
 //! ```text
-//! GET/HEAD ─▶ key ─▶ variants ─▶ fresh?  ── yes ─▶ hit (Age, ttl)
+//! GET/HEAD ─▶ take If-None-Match / If-Modified-Since / Range / If-Range
+//!          ─▶ key ─▶ variants ─▶ fresh?  ── yes ─▶ hit (Age, ttl)
 //!                        │          stale ─▶ see `revalidate`
 //!                        └─ none ─▶ coalesce ─▶ origin ─▶ admit (tee to store)
-//! POST/PUT/DELETE/PATCH ─▶ origin ─▶ 2xx/3xx: invalidate URL, Location, Content-Location
-//! anything else ─▶ origin (fwd=method)
+//!          ─▶ the whole 200 answers what was taken: 304, 206, 416 (`conditional`)
+//! safe methods (OPTIONS, TRACE, …) ─▶ origin (fwd=method)
+//! any other method ─▶ origin ─▶ 2xx/3xx: invalidate URL, Location, Content-Location
 //! ```
 
 use std::future::Future;
@@ -17,13 +19,14 @@ use std::time::SystemTime;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_cache_semantics::{BeforeRequest, CachePolicy};
 
+use super::conditional::{self, Asks};
 use super::key;
 use super::status::{CacheStatus, Fwd};
 use super::store::CachedResponse;
 use super::HttpCache;
-use super::{flight::Join, policy};
+use super::{flight::Join, policy, rfc};
 use crate::body::{self, ProxyBody};
-use crate::config::CacheRule;
+use crate::config::{CacheRule, SetCookiePolicy};
 use crate::upstream::ForwardError;
 
 /// What an origin fetch resolves to.
@@ -65,11 +68,15 @@ impl HttpCache {
         let method = req.method().clone();
         match method {
             Method::GET | Method::HEAD => {
-                if http_body::Body::is_end_stream(req.body())
-                    && !req.headers().contains_key(header::RANGE)
-                {
-                    let (parts, _) = req.into_parts();
-                    self.lookup(&cr, parts, origin).await
+                if http_body::Body::is_end_stream(req.body()) {
+                    let (mut parts, _) = req.into_parts();
+                    let asks = Asks::take(&mut parts.headers, &method);
+                    let resp = self.lookup(&cr, parts, origin).await;
+                    if asks.is_empty() {
+                        resp
+                    } else {
+                        asks.answer(resp, cr.rule.max_object_bytes).await
+                    }
                 } else {
                     pass(
                         origin().fetch(req).await,
@@ -78,14 +85,12 @@ impl HttpCache {
                     )
                 }
             }
-            Method::POST | Method::PUT | Method::DELETE | Method::PATCH => {
-                self.unsafe_request(&cr, req, origin).await
-            }
-            _ => pass(
+            ref m if policy::is_safe(m) => pass(
                 origin().fetch(req).await,
                 &cr,
                 CacheStatus::fwd(Fwd::Method),
             ),
+            _ => self.unsafe_request(&cr, req, origin).await,
         }
     }
 
@@ -107,7 +112,7 @@ impl HttpCache {
             Method::HEAD => true,
             _ => return None,
         };
-        if !body_empty || parts.headers.contains_key(header::RANGE) {
+        if !body_empty || conditional::any(&parts.headers) {
             return None;
         }
         let key = prepare(cr.scheme, parts)?;
@@ -209,17 +214,15 @@ impl HttpCache {
                     return Found::Fresh(Fresh {
                         entry: entry.clone(),
                         head,
-                        dated: true,
                         now,
                     });
                 }
             }
             match entry.policy.before_request(parts, now) {
-                BeforeRequest::Fresh(head) => {
+                BeforeRequest::Fresh(_) => {
                     return Found::Fresh(Fresh {
                         entry: entry.clone(),
-                        head,
-                        dated: false,
+                        head: entry.head_at(now),
                         now,
                     })
                 }
@@ -255,8 +258,10 @@ impl HttpCache {
 
     /// Decide whether the origin's response to `req` is stored; if so, tee
     /// its body into the store while it streams to the client. The stored
-    /// head has no hop-by-hop fields. `guard` (the coalescing flight) ends
-    /// when the body is stored or abandoned.
+    /// head has no hop-by-hop fields (nor, with `set_cookie = "strip"`,
+    /// `Set-Cookie`); tag fields are kept by the store, not sent on.
+    /// `guard` (the coalescing flight) ends when the body is stored or
+    /// abandoned.
     pub(super) fn admit(
         self: &Arc<Self>,
         cr: &CacheRequest<'_>,
@@ -270,14 +275,9 @@ impl HttpCache {
         crate::headers::remove_hop_by_hop(&mut head.headers);
         status.fwd_status = Some(head.status.as_u16());
         let now = SystemTime::now();
-        let opts = policy::options(self.settings.heuristic_percent);
-        // Never share one client's cookie with another, whatever the
-        // response says.
-        let storable = req.method == Method::GET
-            && head.status != StatusCode::PARTIAL_CONTENT
-            && !head.headers.contains_key(header::SET_COOKIE)
-            && !policy::vary_star(&head.headers)
-            && CachePolicy::new_options(req, &head, now, opts).is_storable();
+        let mut stored_head = head.clone();
+        policy::take_tags(&mut head.headers);
+        let storable = self.storable(cr, req, &mut stored_head, now);
         let length = head
             .headers
             .get(header::CONTENT_LENGTH)
@@ -294,7 +294,6 @@ impl HttpCache {
             return Response::from_parts(head, body);
         }
         status.stored = true;
-        let mut stored_head = head.clone();
         status.apply(&mut head.headers);
         let cache = self.clone();
         let req = req.clone();
@@ -304,16 +303,51 @@ impl HttpCache {
             stored_head
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-            let entry = CachedResponse::new(req, stored_head, bytes, upstream, now, opts);
+            let rules = &cache.settings.rules;
+            let entry = CachedResponse::new(req, stored_head, bytes, upstream, now, rules);
             cache.put(key, entry);
             drop(guard);
         });
         let tee = super::tee::TeeBody::new(body, limit, on_complete);
-        Response::from_parts(head, body::boxed(tee))
+        let mut resp = Response::from_parts(head, body::boxed(tee));
+        resp.extensions_mut().insert(super::tee::Storing);
+        resp
     }
 
-    /// POST, PUT, DELETE, PATCH: forward; a non-error answer invalidates
-    /// the URL and the same-host `Location` / `Content-Location`.
+    /// May the origin's answer `head` to `req` be stored? `head` (the copy
+    /// to store) loses its `Set-Cookie` under `set_cookie = "strip"`.
+    fn storable(
+        &self,
+        cr: &CacheRequest<'_>,
+        req: &http::request::Parts,
+        head: &mut http::response::Parts,
+        now: SystemTime,
+    ) -> bool {
+        if req.method != Method::GET
+            || head.status.is_informational()
+            || head.status == StatusCode::PARTIAL_CONTENT
+            || policy::vary_star(&head.headers)
+        {
+            return false;
+        }
+        // Never share one client's cookie with another.
+        if head.headers.contains_key(header::SET_COOKIE) {
+            match cr.rule.set_cookie {
+                SetCookiePolicy::Never => return false,
+                SetCookiePolicy::Strip => {
+                    head.headers.remove(header::SET_COOKIE);
+                }
+            }
+        }
+        let rules = &self.settings.rules;
+        rules
+            .view(head)
+            .is_some_and(|view| CachePolicy::new_options(req, &view, now, rules.opts).is_storable())
+    }
+
+    /// An unsafe method (POST, PUT, DELETE, PATCH and any extension
+    /// method): forward; a `2xx`/`3xx` answer invalidates the URL and the
+    /// same-host `Location` / `Content-Location`.
     async fn unsafe_request(
         self: &Arc<Self>,
         cr: &CacheRequest<'_>,
@@ -335,9 +369,12 @@ impl HttpCache {
 }
 
 /// Ready a GET or HEAD for the store: its unkeyed overrides removed, its
-/// primary key (`None` without a host), its URI in origin form.
+/// `Cache-Control` and `Accept-*` normalised, its primary key (`None`
+/// without a host), its URI in origin form.
 fn prepare(scheme: &str, parts: &mut http::request::Parts) -> Option<String> {
     key::strip_unkeyed_overrides(&mut parts.headers);
+    rfc::normalise_request(&mut parts.headers);
+    policy::normalise_vary_fields(&mut parts.headers);
     let key = key::primary_key(scheme, parts)?;
     key::origin_form(parts);
     Some(key)
@@ -346,11 +383,8 @@ fn prepare(scheme: &str, parts: &mut http::request::Parts) -> Option<String> {
 /// A fresh variant found for a request.
 struct Fresh {
     entry: Arc<CachedResponse>,
-    /// The head to send (`Age` set).
+    /// The head to send: the stored one, `Age` set.
     head: http::response::Parts,
-    /// `head` carries the origin's `Date` already (a quick hit's does; the
-    /// policy's has the current time).
-    dated: bool,
     /// When it was found.
     now: SystemTime,
 }
@@ -362,11 +396,7 @@ impl Fresh {
     }
 
     fn respond(self, method: &Method, status: CacheStatus) -> Response<ProxyBody> {
-        if self.dated {
-            self.entry.respond_dated(self.head, method, status)
-        } else {
-            self.entry.respond(self.head, method, status)
-        }
+        self.entry.respond_dated(self.head, method, status)
     }
 }
 

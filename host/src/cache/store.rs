@@ -12,11 +12,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Response, Uri};
-use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy};
+use http_cache_semantics::{BeforeRequest, CachePolicy};
 use quick_cache::sync::Cache;
 use quick_cache::{Lifecycle, OptionsBuilder, Weighter};
 
-use super::policy::{self, StaleRules};
+use super::policy::{self, Rules, StaleRules};
 use super::status::CacheStatus;
 use crate::body::{self, ProxyBody};
 
@@ -24,8 +24,12 @@ use crate::body::{self, ProxyBody};
 pub struct CachedResponse {
     /// The RFC 9111 view of it: freshness, validators, `Vary` matching.
     pub policy: CachePolicy,
-    /// The stored head: no hop-by-hop fields, `Content-Length` set.
+    /// The stored head: the origin's, without hop-by-hop fields or tag
+    /// fields, `Content-Length` set. Hits are answered with it (and `Age`),
+    /// not with the policy's view of it (see `rfc.rs`).
     pub head: http::response::Parts,
+    /// Purge tags (`Surrogate-Key`, `Cache-Tag`).
+    pub tags: Box<[Box<str>]>,
     /// The whole body.
     pub body: Bytes,
     /// The upstream that answered.
@@ -45,28 +49,23 @@ pub struct CachedResponse {
 /// A fresh hit's head, worked out once when the response is stored.
 ///
 /// For each fresh hit, `CachePolicy::before_request` parses the request's
-/// and the response's `Cache-Control`, compares `Vary` headers by string
-/// name, copies the stored head field by field and formats a `Date`. That
-/// was about a sixth of the CPU time of a cache hit. For a request that
-/// carries no `Cache-Control` or `Pragma` of its own, to a response without
-/// `Vary` or `Warning`, the policy's answer depends only on the time: fresh
-/// until `fresh_until`, with an `Age` that grows with the clock. So the head
-/// is computed here, by the policy itself, and a hit only clones it and sets
-/// `Age`. Any other request, or an age past one day (where the policy may add
-/// a `113` warning), goes through the policy as before.
+/// and the response's `Cache-Control` and compares `Vary` headers by string
+/// name. That was about a sixth of the CPU time of a cache hit. For a
+/// request that carries no `Cache-Control` or `Pragma` of its own, to a
+/// response without `Vary`, the policy's answer depends only on the time:
+/// fresh until `fresh_until`, with an `Age` that grows with the clock. So
+/// the policy is asked once here, and a hit only clones the stored head and
+/// sets `Age`. Any other request goes through the policy.
 struct QuickHit {
     /// The stored request's URI and `Host` (the policy's `request_matches`).
     uri: Uri,
     host: Option<HeaderValue>,
-    /// The policy's fresh head, without `Age`, with the origin's `Date`.
+    /// The stored head, with room for `Age`.
     head: http::response::Parts,
     /// When `head` was computed, and the response's age then.
     at: SystemTime,
     age_at: Duration,
 }
-
-/// Past this age the policy may add a `113` warning: no quick hits.
-const QUICK_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 impl QuickHit {
     /// The quick answer for `policy` and `head`, stored for a request to
@@ -77,25 +76,19 @@ impl QuickHit {
         (uri, host): (Uri, Option<HeaderValue>),
         now: SystemTime,
     ) -> Option<QuickHit> {
-        if head.headers.contains_key(header::VARY) || head.headers.contains_key(header::WARNING) {
+        if head.headers.contains_key(header::VARY) {
             return None;
         }
         let age_at = policy.age(now);
-        if age_at > QUICK_MAX_AGE {
-            return None;
-        }
-        // The plainest request for this URI: what the policy says to it.
+        // The plainest request for this URI: is it fresh for it?
         let (mut plain, ()) = http::Request::get(uri.clone()).body(()).ok()?.into_parts();
         if let Some(h) = &host {
             plain.headers.insert(header::HOST, h.clone());
         }
-        let BeforeRequest::Fresh(mut fresh) = policy.before_request(&plain, now) else {
+        let BeforeRequest::Fresh(_) = policy.before_request(&plain, now) else {
             return None;
         };
-        match head.headers.get(header::DATE) {
-            Some(d) => fresh.headers.insert(header::DATE, d.clone()),
-            None => fresh.headers.remove(header::DATE),
-        };
+        let mut fresh = head.clone();
         // Each hit clones this head and adds to it (`Age`, `Cache-Status`,
         // `Via`). A clone keeps the hash index's size but not the entries'
         // spare room, so: `Age` holds a slot to be overwritten, and the
@@ -119,43 +112,44 @@ impl QuickHit {
 pub type Variants = Arc<[Arc<CachedResponse>]>;
 
 impl CachedResponse {
-    /// A response the origin sent for `req` at `now`.
+    /// A response the origin sent for `req` at `now` (its head without
+    /// hop-by-hop fields), read by `rules`.
     pub fn new(
         req: http::request::Parts,
-        head: http::response::Parts,
+        mut head: http::response::Parts,
         body: Bytes,
         upstream: Arc<str>,
         now: SystemTime,
-        opts: CacheOptions,
+        rules: &Rules,
     ) -> Arc<CachedResponse> {
-        let policy = CachePolicy::new_options(&req, &head, now, opts);
+        let tags = policy::take_tags(&mut head.headers);
+        let view = rules.view(&head).unwrap_or_else(|| head.clone());
+        let policy = CachePolicy::new_options(&req, &view, now, rules.opts);
         let variant = policy::variant_id(&upstream, &req.headers, &head.headers);
         let identity = (req.uri, req.headers.get(header::HOST).cloned());
-        Self::build(policy, head, body, upstream, variant, now, Some(identity))
-    }
-
-    fn build(
-        policy: CachePolicy,
-        head: http::response::Parts,
-        body: Bytes,
-        upstream: Arc<str>,
-        variant: String,
-        now: SystemTime,
-        identity: Option<(Uri, Option<HeaderValue>)>,
-    ) -> Arc<CachedResponse> {
         let fresh_until = now + policy.time_to_live(now);
-        let quick = identity.and_then(|id| QuickHit::new(&policy, &head, id, now));
-        let stale = StaleRules::of(&head.headers);
+        let quick = QuickHit::new(&policy, &head, identity, now);
+        let stale = StaleRules::of(&view.headers);
         let head_bytes: usize = head
             .headers
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
+        // The policy keeps the view and the request's head.
+        let policy_bytes = head_bytes + 512;
         let quick_bytes = if quick.is_some() { head_bytes } else { 0 };
-        let weight = (body.len() + head_bytes + quick_bytes + variant.len() + 256) as u64;
+        let tag_bytes: usize = tags.iter().map(|t| t.len() + 16).sum();
+        let weight = (body.len()
+            + head_bytes
+            + policy_bytes
+            + quick_bytes
+            + tag_bytes
+            + variant.len()
+            + 256) as u64;
         Arc::new(CachedResponse {
             policy,
             head,
+            tags: tags.into(),
             body,
             upstream,
             variant,
@@ -182,62 +176,53 @@ impl CachedResponse {
             return None;
         }
         let age = q.age_at + now.duration_since(q.at).unwrap_or_default();
-        if age > QUICK_MAX_AGE {
-            return None;
-        }
         let mut head = q.head.clone();
         head.headers
             .insert(header::AGE, HeaderValue::from(age.as_secs()));
         Some(head)
     }
 
-    /// This entry after a `304`: the merged policy and head, the same body.
+    /// This entry after a `304` to `req`: `merged` (the stored head updated
+    /// by the `304`; see `revalidate::merge_304`), the same body, its
+    /// freshness starting over now.
     pub fn refreshed(
         &self,
-        policy: CachePolicy,
+        req: &http::request::Parts,
         mut merged: http::response::Parts,
-        date: Option<HeaderValue>,
+        rules: &Rules,
     ) -> Arc<CachedResponse> {
         crate::headers::remove_hop_by_hop(&mut merged.headers);
-        merged.headers.remove(header::AGE);
-        // The crate writes its own `Date`; keep the origin's (the 304's).
-        match date.or_else(|| self.head.headers.get(header::DATE).cloned()) {
-            Some(d) => merged.headers.insert(header::DATE, d),
-            None => merged.headers.remove(header::DATE),
-        };
         merged
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(self.body.len()));
-        Self::build(
-            policy,
+        let mut entry = Self::new(
+            req.clone(),
             merged,
             self.body.clone(),
             self.upstream.clone(),
-            self.variant.clone(),
             SystemTime::now(),
-            self.quick.as_ref().map(|q| (q.uri.clone(), q.host.clone())),
-        )
+            rules,
+        );
+        // A 304 without tag fields keeps the entry's tags.
+        if entry.tags.is_empty() && !self.tags.is_empty() {
+            if let Some(e) = Arc::get_mut(&mut entry) {
+                e.tags = self.tags.clone();
+            }
+        }
+        entry
     }
 
-    /// Answer with `head` (from the policy: `Age` set) and the stored body
-    /// (none for `HEAD`). The body is shared, not copied.
-    pub fn respond(
-        &self,
-        mut head: http::response::Parts,
-        method: &Method,
-        status: CacheStatus,
-    ) -> Response<ProxyBody> {
-        // The origin's `Date` (the crate writes the current time); `Age`
-        // tells how old the response is.
-        match self.head.headers.get(header::DATE) {
-            Some(d) => head.headers.insert(header::DATE, d.clone()),
-            None => head.headers.remove(header::DATE),
-        };
-        self.respond_dated(head, method, status)
+    /// The stored head with `Age` as of `now`.
+    pub fn head_at(&self, now: SystemTime) -> http::response::Parts {
+        let mut head = self.head.clone();
+        let age = self.policy.age(now).as_secs();
+        head.headers.insert(header::AGE, HeaderValue::from(age));
+        head
     }
 
-    /// [`Self::respond`] with a `head` that carries the origin's `Date`
-    /// already (a quick hit's).
+    /// Answer with `head` (the stored head with `Age` set: a quick hit's or
+    /// [`Self::head_at`]) and the stored body (none for `HEAD`). The body
+    /// is shared, not copied.
     pub fn respond_dated(
         &self,
         mut head: http::response::Parts,
@@ -253,13 +238,9 @@ impl CachedResponse {
         Response::from_parts(head, body)
     }
 
-    /// Answer with the stored head, `Age` computed now (used for stale and
-    /// just-revalidated answers, where the policy gives no head).
+    /// Answer with the stored head, `Age` computed now.
     pub fn respond_stale(&self, method: &Method, status: CacheStatus) -> Response<ProxyBody> {
-        let mut head = self.head.clone();
-        let age = self.policy.age(SystemTime::now()).as_secs();
-        head.headers.insert(header::AGE, HeaderValue::from(age));
-        self.respond(head, method, status)
+        self.respond_dated(self.head_at(SystemTime::now()), method, status)
     }
 }
 
@@ -356,11 +337,12 @@ impl Store {
         self.cache.remove(key).is_some()
     }
 
-    /// Remove every key `purge` selects; how many.
-    pub fn purge(&self, purge: impl Fn(&str) -> bool) -> usize {
+    /// Remove every key `purge` selects (given the key and its variants);
+    /// how many.
+    pub fn purge(&self, purge: impl Fn(&str, &Variants) -> bool) -> usize {
         let n = std::sync::atomic::AtomicUsize::new(0);
-        self.cache.retain(|k, _| {
-            let hit = purge(k);
+        self.cache.retain(|k, v| {
+            let hit = purge(k, v);
             n.fetch_add(hit as usize, Ordering::Relaxed);
             !hit
         });
@@ -417,7 +399,7 @@ mod tests {
             Bytes::from_static(b"hello"),
             Arc::from("app"),
             now,
-            policy::options(10),
+            &Rules::new(10, Default::default()),
         )
     }
 
@@ -441,12 +423,11 @@ mod tests {
             for later in [0, 1, 100, 3000] {
                 let now = t0 + Duration::from_millis(later * 1000 + 250);
                 let quick = entry.quick_hit(&req, now).expect("quick hit");
-                let BeforeRequest::Fresh(mut slow) = entry.policy.before_request(&req, now) else {
+                let BeforeRequest::Fresh(_) = entry.policy.before_request(&req, now) else {
                     panic!("the policy says stale at +{later}s");
                 };
-                // What `respond` does to the policy's head.
-                let date = entry.head.headers.get(header::DATE).unwrap().clone();
-                slow.headers.insert(header::DATE, date);
+                // What a hit through the policy answers.
+                let slow = entry.head_at(now);
                 assert_eq!(quick.status, slow.status);
                 assert_eq!(fields(&quick), fields(&slow), "+{later}s, {extra:?}");
             }
@@ -469,12 +450,10 @@ mod tests {
         assert!(entry
             .quick_hit(&request("/a?b=1", "example.com"), late)
             .is_none());
-        // A response that varies, or carries warnings: never quick.
-        for extra in [("vary", "accept-encoding"), ("warning", "110 - \"stale\"")] {
-            let entry = stored(&[extra], t0);
-            assert!(entry
-                .quick_hit(&request("/a?b=1", "example.com"), soon)
-                .is_none());
-        }
+        // A response that varies: never quick.
+        let entry = stored(&[("vary", "accept-encoding")], t0);
+        assert!(entry
+            .quick_hit(&request("/a?b=1", "example.com"), soon)
+            .is_none());
     }
 }

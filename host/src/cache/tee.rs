@@ -16,6 +16,36 @@ use crate::body::{BoxError, ProxyBody};
 /// Called once with the whole body when it ended cleanly within the limit.
 pub type OnComplete = Box<dyn FnOnce(Bytes) + Send>;
 
+/// Marks (in a response's extensions) a response whose body is being teed
+/// into the store: a caller that does not send the body on (a `304`, a
+/// `416`, the end of a range) reads it in the background instead, so the
+/// store still gets the whole object.
+#[derive(Debug, Clone, Copy)]
+pub struct Storing;
+
+/// Is this response's body being stored (see [`Storing`])?
+pub fn is_storing(ext: &http::Extensions) -> bool {
+    ext.get::<Storing>().is_some()
+}
+
+/// A body the client will not get: read to its end in the background when
+/// it is being stored, else dropped.
+pub fn finish_in_background(ext: &http::Extensions, body: ProxyBody) {
+    if is_storing(ext) && !body.is_end_stream() {
+        tokio::spawn(drain(body));
+    }
+}
+
+/// Read a body to its end (so a tee stores it), discarding it.
+pub async fn drain(mut body: ProxyBody) {
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            break;
+        }
+    }
+}
+
 /// See the module doc.
 pub struct TeeBody {
     inner: ProxyBody,

@@ -24,6 +24,12 @@ pub struct CacheConfig {
     /// How long a request waits for a coalesced miss of the same URL before
     /// it asks the origin itself, milliseconds.
     pub lock_timeout_ms: u64,
+    /// Targeted cache-control fields this cache obeys (RFC 9213), first
+    /// present and valid one wins over `Cache-Control` and `Expires`.
+    /// Empty: none (only `Cache-Control`).
+    pub targeted_fields: Vec<String>,
+    /// Obey only the targeted fields: a response without one is not stored.
+    pub targeted_only: bool,
 }
 
 impl Default for CacheConfig {
@@ -34,8 +40,36 @@ impl Default for CacheConfig {
             max_variants: 8,
             heuristic_percent: 10,
             lock_timeout_ms: 5_000,
+            targeted_fields: vec!["CDN-Cache-Control".to_string()],
+            targeted_only: false,
         }
     }
+}
+
+impl CacheConfig {
+    /// The targeted-field settings (names validated by `validate_cache`).
+    pub fn reading(&self) -> crate::cache::rfc::Reading {
+        crate::cache::rfc::Reading {
+            targeted: self
+                .targeted_fields
+                .iter()
+                .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+                .collect(),
+            targeted_only: self.targeted_only,
+        }
+    }
+}
+
+/// What a caching route does with a response that sets a cookie.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetCookiePolicy {
+    /// Never store it (the default).
+    #[default]
+    Never,
+    /// Store it without its `Set-Cookie` fields: the client whose request
+    /// reached the origin gets them, hits never do.
+    Strip,
 }
 
 /// A route's `cache` key: `true`/`false`, or a table of settings (which
@@ -62,6 +96,8 @@ pub struct RouteCacheSettings {
     pub stale_if_error_s: Option<u64>,
     /// Overrides `[cache] max_object_bytes` for this route.
     pub max_object_bytes: Option<u64>,
+    /// `never` (default) or `strip`: see [`SetCookiePolicy`].
+    pub set_cookie: Option<SetCookiePolicy>,
 }
 
 impl<'de> Deserialize<'de> for RouteCacheConfig {
@@ -88,6 +124,8 @@ pub struct CacheRule {
     pub stale_if_error: Duration,
     /// Largest response stored on this route.
     pub max_object_bytes: u64,
+    /// Responses with `Set-Cookie`.
+    pub set_cookie: SetCookiePolicy,
 }
 
 impl RouteConfig {
@@ -106,6 +144,7 @@ impl RouteConfig {
             max_object_bytes: settings
                 .max_object_bytes
                 .unwrap_or(*global.max_object_bytes.get_ref()),
+            set_cookie: settings.set_cookie.unwrap_or_default(),
         })
     }
 }
@@ -142,6 +181,16 @@ impl Validator<'_> {
         if c.lock_timeout_ms == 0 {
             let reason = "must be at least 1".to_string();
             return self.error(0..0, "cache.lock_timeout_ms".into(), reason);
+        }
+        for name in &c.targeted_fields {
+            if http::HeaderName::from_bytes(name.trim().as_bytes()).is_err() {
+                let reason = format!("{name:?} is not a header field name");
+                return self.error(0..0, "cache.targeted_fields".into(), reason);
+            }
+        }
+        if c.targeted_only && c.targeted_fields.is_empty() {
+            let reason = "needs at least one of cache.targeted_fields".to_string();
+            return self.error(0..0, "cache.targeted_only".into(), reason);
         }
         for (i, route) in config.routes.iter().enumerate() {
             let Some(rc) = &route.cache else { continue };
@@ -191,6 +240,7 @@ endpoints = ["127.0.0.1:9001"]
         assert_eq!(r0.stale_if_error, Duration::ZERO);
         let r1 = c.routes[1].cache_rule(&c.cache).unwrap();
         assert_eq!(r1.stale_if_error, Duration::from_secs(30));
+        assert_eq!(r1.set_cookie, SetCookiePolicy::Never);
         assert!(c.routes[2].cache_rule(&c.cache).is_none());
     }
 
@@ -207,5 +257,23 @@ endpoints = ["127.0.0.1:9001"]
         assert!(e.contains("ttl") && e.contains("line 10"), "{e}");
         let e = parse("[[route]]\nupstream = \"app\"\ncache = 3\n").unwrap_err();
         assert!(e.contains("expected true, false or a table"), "{e}");
+        let e = parse("[[route]]\nupstream = \"app\"\ncache = { set_cookie = \"keep\" }\n")
+            .unwrap_err();
+        assert!(e.contains("keep"), "{e}");
+        let e = parse("[cache]\ntargeted_fields = [\"bad name\"]\n").unwrap_err();
+        assert!(e.contains("cache.targeted_fields"), "{e}");
+    }
+
+    #[test]
+    fn set_cookie_strip_and_targeted_fields() {
+        let c = parse(
+            "[cache]\ntargeted_fields = [\"Acme-Cache-Control\", \"CDN-Cache-Control\"]\n[[route]]\nupstream = \"app\"\ncache = { set_cookie = \"strip\" }\n",
+        )
+        .unwrap();
+        let r = c.routes[0].cache_rule(&c.cache).unwrap();
+        assert_eq!(r.set_cookie, SetCookiePolicy::Strip);
+        let reading = c.cache.reading();
+        assert_eq!(reading.targeted[0], "acme-cache-control");
+        assert_eq!(reading.targeted.len(), 2);
     }
 }

@@ -165,6 +165,9 @@ pub struct Timeouts {
     pub upstream_response_ms: u64,
     /// Keep-alive connections idle this long (up to a quarter more) are closed.
     pub idle_ms: u64,
+    /// Pooled upstream connections idle this long are closed (sooner when
+    /// the upstream announces a shorter `Keep-Alive: timeout`).
+    pub upstream_idle_ms: u64,
     /// An HTTP/1.1 keep-alive connection idle about this long (up to twice
     /// it) gives back its buffers (parked, like nginx's idle keep-alive
     /// connections); the next request gets new ones. 0 = never.
@@ -183,6 +186,7 @@ impl Default for Timeouts {
             header_read_ms: 10_000,
             upstream_response_ms: 30_000,
             idle_ms: 60_000,
+            upstream_idle_ms: 4_000,
             keepalive_park_ms: 20,
             drain_ms: 10_000,
             drain_delay_ms: 0,

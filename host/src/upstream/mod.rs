@@ -79,6 +79,7 @@ pub struct UpstreamClient {
     response_timeout: Duration,
     connect_timeout: Duration,
     idle_per_host: usize,
+    idle_timeout: Duration,
     /// One client per `[upstream.tls]` version, made on first use (no I/O:
     /// the TLS config was built with the snapshot).
     tls: Arc<parking_lot::Mutex<HashMap<u64, TlsClient>>>,
@@ -90,10 +91,12 @@ impl UpstreamClient {
         let t = &config.proxy.timeouts;
         let connect_timeout = Duration::from_millis(t.connect_ms);
         let idle_per_host = config.proxy.limits.upstream_idle_per_host;
+        let idle_timeout = Duration::from_millis(t.upstream_idle_ms);
         let connector = http_connector(connect_timeout, true);
         UpstreamClient {
-            pool: pool::Pool::new(idle_per_host, connect_timeout),
-            client: pooled(idle_per_host).build(connector),
+            pool: pool::Pool::new(idle_per_host, connect_timeout, idle_timeout),
+            client: pooled(idle_per_host, idle_timeout).build(connector),
+            idle_timeout,
             response_timeout: Duration::from_millis(t.upstream_response_ms),
             connect_timeout,
             idle_per_host,
@@ -112,7 +115,7 @@ impl UpstreamClient {
             map.clear();
         }
         let connector = tls.connector(http_connector(self.connect_timeout, false));
-        let client = pooled(self.idle_per_host).build(connector);
+        let client = pooled(self.idle_per_host, self.idle_timeout).build(connector);
         map.insert(tls.id, client.clone());
         client
     }
@@ -196,8 +199,7 @@ impl UpstreamClient {
                 if inline {
                     *req.uri_mut() = origin_form(req.uri());
                     let (resp, conn) = self.pool.send(&endpoint.addr, req).await?;
-                    let lease =
-                        pool::Lease::new(conn, self.pool.clone(), endpoint.addr.clone(), started);
+                    let lease = pool::Lease::new(conn, self.pool.clone(), endpoint.addr.clone());
                     return Ok((resp, Some(lease)));
                 }
                 let scheme = if upstream.tls.is_some() {
@@ -368,10 +370,10 @@ fn http_connector(connect_timeout: Duration, plain_only: bool) -> HttpConnector 
 }
 
 /// A client builder with the pool settings shared by plain and TLS clients.
-fn pooled(idle_per_host: usize) -> hyper_util::client::legacy::Builder {
+fn pooled(idle_per_host: usize, idle: Duration) -> hyper_util::client::legacy::Builder {
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(idle)
         .pool_max_idle_per_host(idle_per_host)
         .set_host(false);
     b

@@ -189,9 +189,22 @@ impl Backend {
     /// when no new request arrives within `keepalive` (an upstream whose
     /// keep-alive timeout is shorter than the proxy's pool's).
     pub async fn closes_when_idle(id: &str, keepalive: Duration) -> Backend {
+        Backend::closes_when_idle_announcing(id, keepalive, None).await
+    }
+
+    /// [`Backend::closes_when_idle`], each response saying
+    /// `Keep-Alive: timeout=<announce>` when given.
+    pub async fn closes_when_idle_announcing(
+        id: &str,
+        keepalive: Duration,
+        announce: Option<u64>,
+    ) -> Backend {
         let id = id.to_string();
+        let extra = announce
+            .map(|t| format!("keep-alive: timeout={t}\r\n"))
+            .unwrap_or_default();
         Backend::raw(&id.clone(), move |mut stream, requests, _seen| {
-            let id = id.clone();
+            let (id, extra) = (id.clone(), extra.clone());
             async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -222,7 +235,7 @@ impl Backend {
                     requests.fetch_add(1, Ordering::SeqCst);
                     let body = format!("got {length}");
                     let out = format!(
-                        "HTTP/1.1 200 OK\r\nx-backend: {id}\r\ncontent-length: {}\r\n\r\n{body}",
+                        "HTTP/1.1 200 OK\r\nx-backend: {id}\r\n{extra}content-length: {}\r\n\r\n{body}",
                         body.len()
                     );
                     if stream.write_all(out.as_bytes()).await.is_err() {
