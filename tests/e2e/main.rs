@@ -13,6 +13,7 @@ mod config;
 mod deploy;
 mod drain;
 mod filters;
+mod fleet;
 mod keepalive;
 mod languages;
 mod ops;

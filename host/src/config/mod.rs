@@ -14,10 +14,12 @@ use toml::Spanned;
 mod cache;
 mod limits;
 mod ops;
+mod redis;
 mod upstream;
 pub use cache::*;
 pub use limits::*;
 pub use ops::*;
+pub use redis::*;
 pub use upstream::*;
 
 /// A configuration error: which file, which line, which key, and why.
@@ -71,6 +73,8 @@ pub struct Config {
     /// `[cache]`: the shared HTTP cache's bounds (used by routes with `cache`).
     #[serde(default)]
     pub cache: CacheConfig,
+    /// `[redis]`: state shared by a fleet of replicas (see `config/redis.rs`).
+    pub redis: Option<RedisConfig>,
     /// Where this config was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -250,6 +254,8 @@ pub struct FiltersConfig {
     pub config: BTreeMap<String, toml::Table>,
     /// `[filters.policy.<name>]`: per-filter overrides of the defaults.
     pub policy: BTreeMap<String, FilterPolicyConfig>,
+    /// `[filters.kv]`: the KV backend (see `config/redis.rs`).
+    pub kv: KvConfig,
 }
 
 impl Default for FiltersConfig {
@@ -262,6 +268,7 @@ impl Default for FiltersConfig {
             compile_timeout_ms: 30_000,
             config: BTreeMap::new(),
             policy: BTreeMap::new(),
+            kv: KvConfig::default(),
         }
     }
 }
@@ -535,6 +542,7 @@ impl Validator<'_> {
         }
         self.validate_cache(config)?;
         self.validate_protection(config)?;
+        self.validate_redis(config)?;
         let policies = config
             .filters
             .policy

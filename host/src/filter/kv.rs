@@ -1,5 +1,18 @@
 //! The key-value store filters share across instances: one namespace per
 //! filter name, surviving reloads of that filter, bounded in entries.
+//!
+//! Two backends behind one [`KvStore`]: this process's memory (default)
+//! and, with `[filters.kv] backend = "redis"`, the fleet's Redis
+//! ([`redis_kv::RedisKv`]), which every replica on the same `[redis]` shares.
+//! Both keep the same bounds ([`MAX_ENTRIES`], [`MAX_ENTRY_BYTES`]).
+//!
+//! The operations are async (`get`, `set`, ...) and have a sync bridge
+//! (`get_blocking`, ...) for today's sync host calls: with Redis it waits
+//! on a channel while the fleet link's own runtime does the I/O, at most
+//! the per-operation deadline. [`KvStore::answer`] applies `[filters.kv]
+//! on_error` to an outcome: what the filter sees, or an error that traps.
+
+mod redis_kv;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,10 +20,175 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::config::{KvBackend, KvOnError};
+use crate::fleet::RedisError;
+
 /// Entries one filter may hold; writes past it are dropped (and logged).
 pub const MAX_ENTRIES: usize = 100_000;
 /// Largest key plus value accepted, bytes.
 pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
+
+/// The backend did not answer: Redis is unreachable or slower than
+/// `[filters.kv] timeout_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("key-value backend unavailable: {0}")]
+pub struct KvError(#[from] pub RedisError);
+
+/// One filter's namespace, in whichever backend is configured.
+#[derive(Debug, Default)]
+pub struct KvStore {
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Local(LocalKv),
+    Redis(redis_kv::RedisKv),
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend::Local(LocalKv::default())
+    }
+}
+
+impl KvStore {
+    /// The live value at `key`.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.get(key)),
+            Backend::Redis(r) => Ok(r.get(key).await?),
+        }
+    }
+
+    /// Write `value`; false when the namespace is full or the entry too big.
+    pub async fn set(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.set(key, value, ttl_ms)),
+            Backend::Redis(r) => Ok(r.set(key, value, ttl_ms).await?),
+        }
+    }
+
+    /// Remove `key`; true if a live value was there.
+    pub async fn delete(&self, key: &str) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.delete(key)),
+            Backend::Redis(r) => Ok(r.delete(key).await?),
+        }
+    }
+
+    /// Add `delta` to the decimal integer at `key` (absent = 0); the inner
+    /// error is the filter's (not an integer, overflow, store full).
+    pub async fn increment(
+        &self,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> Result<Result<i64, String>, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.increment(key, delta, ttl_ms)),
+            Backend::Redis(r) => Ok(r.increment(key, delta, ttl_ms).await?),
+        }
+    }
+
+    /// Write `value` only if the live value equals `expected` (`None`:
+    /// only if absent).
+    pub async fn compare_and_swap(
+        &self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.compare_and_swap(key, expected.as_deref(), value, ttl_ms)),
+            Backend::Redis(r) => Ok(r.compare_and_swap(key, expected, value, ttl_ms).await?),
+        }
+    }
+
+    /// [`KvStore::get`] from a sync caller.
+    pub fn get_blocking(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.get(key)),
+            Backend::Redis(r) => Ok(r.get_blocking(key)?),
+        }
+    }
+
+    /// [`KvStore::set`] from a sync caller.
+    pub fn set_blocking(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.set(key, value, ttl_ms)),
+            Backend::Redis(r) => Ok(r.set_blocking(key, value, ttl_ms)?),
+        }
+    }
+
+    /// [`KvStore::delete`] from a sync caller.
+    pub fn delete_blocking(&self, key: &str) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.delete(key)),
+            Backend::Redis(r) => Ok(r.delete_blocking(key)?),
+        }
+    }
+
+    /// [`KvStore::increment`] from a sync caller.
+    pub fn increment_blocking(
+        &self,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> Result<Result<i64, String>, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.increment(key, delta, ttl_ms)),
+            Backend::Redis(r) => Ok(r.increment_blocking(key, delta, ttl_ms)?),
+        }
+    }
+
+    /// [`KvStore::compare_and_swap`] from a sync caller.
+    pub fn compare_and_swap_blocking(
+        &self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.compare_and_swap(key, expected.as_deref(), value, ttl_ms)),
+            Backend::Redis(r) => Ok(r.compare_and_swap_blocking(key, expected, value, ttl_ms)?),
+        }
+    }
+
+    /// What the filter gets for `outcome` under `[filters.kv] on_error`:
+    /// the answer; or, when the backend failed, `absent(error)` with
+    /// `fail_open` and the error (for the host call to trap on) with
+    /// `fail_closed`.
+    pub fn answer<T>(
+        &self,
+        outcome: Result<T, KvError>,
+        absent: impl FnOnce(&KvError) -> T,
+    ) -> Result<T, KvError> {
+        match (outcome, &self.backend) {
+            (Ok(v), _) => Ok(v),
+            (Err(e), Backend::Redis(r)) if r.on_error == KvOnError::FailClosed => Err(e),
+            (Err(e), _) => Ok(absent(&e)),
+        }
+    }
+}
+
+/// The in-memory backend: one filter's namespace in this process.
+#[derive(Debug, Default)]
+pub struct LocalKv {
+    map: Mutex<HashMap<String, Entry>>,
+}
 
 #[derive(Debug)]
 struct Entry {
@@ -24,17 +202,11 @@ impl Entry {
     }
 }
 
-/// One filter's namespace.
-#[derive(Debug, Default)]
-pub struct KvStore {
-    map: Mutex<HashMap<String, Entry>>,
-}
-
 fn deadline(ttl_ms: Option<u64>) -> Option<Instant> {
     ttl_ms.map(|ms| Instant::now() + Duration::from_millis(ms))
 }
 
-impl KvStore {
+impl LocalKv {
     /// The live value at `key`.
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
         let now = Instant::now();
@@ -144,9 +316,29 @@ impl KvStore {
 }
 
 /// Every filter's namespace, by filter name.
-#[derive(Debug, Default)]
 pub struct KvRegistry {
     stores: Mutex<HashMap<String, Arc<KvStore>>>,
+    redis: Option<&'static Arc<crate::fleet::RedisLink>>,
+}
+
+impl std::fmt::Debug for KvRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvRegistry")
+            .field("redis", &self.redis.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for KvRegistry {
+    /// The backend `[filters.kv]` named at start: Redis when the fleet
+    /// link was installed with `backend = "redis"`, else local.
+    fn default() -> Self {
+        let redis = crate::fleet::link().filter(|l| l.kv.backend == KvBackend::Redis);
+        KvRegistry {
+            stores: Mutex::new(HashMap::new()),
+            redis,
+        }
+    }
 }
 
 impl KvRegistry {
@@ -155,7 +347,18 @@ impl KvRegistry {
         self.stores
             .lock()
             .entry(filter.to_string())
-            .or_default()
+            .or_insert_with(|| {
+                let backend = match self.redis {
+                    Some(link) => Backend::Redis(redis_kv::RedisKv::new(
+                        link.clone(),
+                        filter,
+                        Duration::from_millis(link.kv.timeout_ms),
+                        link.kv.on_error,
+                    )),
+                    None => Backend::Local(LocalKv::default()),
+                };
+                Arc::new(KvStore { backend })
+            })
             .clone()
     }
 }
@@ -166,7 +369,7 @@ mod tests {
 
     #[test]
     fn increment_cas_and_ttl() {
-        let kv = KvStore::default();
+        let kv = LocalKv::default();
         assert_eq!(kv.increment("n".into(), 2, None), Ok(2));
         assert_eq!(kv.increment("n".into(), 3, None), Ok(5));
         kv.set("s".into(), b"x".to_vec(), None);
