@@ -21,6 +21,14 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
 fi
 
+# The fleet tests (tests/e2e/fleet.rs) start their own redis-server per test.
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "== installing redis-server (Debian) for the fleet tests"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+fi
+
 # No separate `cargo build --release`: the dev-dependencies change the
 # feature set of shared dependencies, so a plain build and a test build are
 # two full builds of wasmtime. `cargo test` builds the binary the end-to-end

@@ -64,9 +64,19 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
     }
     match req.uri().path() {
         "/healthz" => body::text_response(StatusCode::OK, "ok"),
-        "/readyz" if state.ready.load(Ordering::Relaxed) => {
-            body::text_response(StatusCode::OK, "ready")
-        }
+        "/readyz" if state.ready.load(Ordering::Relaxed) => match crate::fleet::degraded() {
+            None => body::text_response(StatusCode::OK, "ready"),
+            // A dependency is down: still ready unless `[redis]
+            // required_for_ready` (the fail policies keep serving).
+            Some((fail, why)) => {
+                let (status, text) = if fail {
+                    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}"))
+                } else {
+                    (StatusCode::OK, format!("ready, degraded: {why}"))
+                };
+                body::text_response(status, &text)
+            }
+        },
         "/readyz" => body::text_response(StatusCode::SERVICE_UNAVAILABLE, "draining"),
         "/metrics" => {
             metrics::gauge!("sluicegate_open_connections")

@@ -54,7 +54,7 @@ pub async fn handle(
     }
     if path == "/cache/purge" && req.method() == Method::POST {
         let cache = state.proxy.snapshot.load().cache.clone();
-        return crate::cache::admin::purge_request(&cache, req).await;
+        return crate::fleet::purge::handle(&cache, req).await;
     }
     route(state, req)
 }
@@ -107,10 +107,14 @@ pub fn route(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Pro
             );
             resp
         }
-        "/stats" => json(&crate::status::stats_json(
-            state.open_connections.load(Ordering::Relaxed),
-            state.ready.load(Ordering::Relaxed),
-        )),
+        "/stats" => {
+            let mut stats = crate::status::stats_json(
+                state.open_connections.load(Ordering::Relaxed),
+                state.ready.load(Ordering::Relaxed),
+            );
+            stats["dependencies"] = crate::fleet::status_json();
+            json(&stats)
+        }
         "/config" => json(&config_json(&state.proxy.snapshot.load())),
         _ => return None,
     };
@@ -151,6 +155,9 @@ fn redact_table(table: &mut toml::Table) {
     for (k, v) in table.iter_mut() {
         if is_secret(k) {
             *v = toml::Value::String(REDACTED.to_string());
+        } else if let (true, toml::Value::String(url)) = (k == "url", &*v) {
+            // `[redis] url` may carry a password.
+            *v = toml::Value::String(crate::config::redact_url(url));
         } else {
             redact_value(v);
         }
@@ -199,12 +206,14 @@ keys = ["k1", "k2"]
 header = "authorization"
 [filters.config.x]
 nested = [{ client_secret = "s", id = "i" }]
+[redis]
+url = "redis://:pw0rd@redis:6379"
 "#,
         )
         .unwrap();
         redact_table(&mut t);
         let text = serde_json::to_string(&t).unwrap();
-        for secret in ["t0ken", "k1", "k2", "\"s\""] {
+        for secret in ["t0ken", "k1", "k2", "\"s\"", "pw0rd"] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
         }
         assert!(

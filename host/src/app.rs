@@ -60,6 +60,11 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
             upkeep.run_upkeep();
         }
     });
+    // Before the filter runtime: its KV namespaces pick their backend
+    // from the link (see `filter::kv`).
+    if let Some(redis) = &config.redis {
+        crate::fleet::install(redis, &config.filters.kv)?;
+    }
     let filters = match &config.filters.dir {
         Some(_) => {
             let fc = config.filters.clone();
@@ -83,6 +88,7 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
         None,
         Arc::new(dns),
     )?));
+    crate::fleet::purge::subscribe(snapshot.clone());
     let make_proxy = || {
         Arc::new(Proxy {
             client: UpstreamClient::new(&config),

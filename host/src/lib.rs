@@ -17,6 +17,7 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod filter;
+pub mod fleet;
 pub mod headers;
 pub mod hist;
 pub mod protect;

@@ -195,10 +195,14 @@ impl Proxy {
         let label = Some(route.index);
         let version = req.version();
         let limit = protect::body_limit(&snap.config, route.index);
-        let refused = snap
+        let refused = match snap
             .protection
             .check_rate(route.index, req.headers(), conn.client.ip())
-            .or_else(|| protect::check_content_length(req.headers(), version, limit));
+            .await
+        {
+            Some(resp) => Some(resp),
+            None => protect::check_content_length(req.headers(), version, limit),
+        };
         if let Some(resp) = refused {
             return (resp, label);
         }

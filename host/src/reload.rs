@@ -163,6 +163,9 @@ pub async fn reload_config(proxy: Arc<Proxy>, path: PathBuf) -> Result<(), Strin
             keys.join(", ")
         );
     }
+    if old.config.redis != config.redis || old.config.filters.kv != config.filters.kv {
+        tracing::warn!("[redis] or [filters.kv] changed in the config; they apply after a restart");
+    }
     // Names are resolved before the swap, so new endpoints take traffic at once.
     let dns = Arc::new(crate::balance::dns::resolve(&config, &old.dns).await);
     let swapped = swap_snapshot(&proxy, |old| {

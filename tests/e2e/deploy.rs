@@ -197,6 +197,34 @@ async fn kubernetes_manifests_match_the_config_they_ship() {
         }
     }
 
+    // Scaling out: several replicas, pointed at the Redis Service of the
+    // manifests (NAME.NAMESPACE.svc.cluster.local:PORT).
+    assert!(deploy["spec"]["replicas"].as_u64().unwrap() >= 3);
+    let url = config["redis"]["url"].as_str().expect("[redis] url");
+    let (host, port) = url
+        .strip_prefix("redis://")
+        .and_then(|a| a.rsplit_once(':'))
+        .unwrap_or_else(|| panic!("{url} is not redis://HOST:PORT"));
+    let parts: Vec<&str> = host.split('.').collect();
+    assert!(
+        host.ends_with(".svc.cluster.local") && parts.len() == 5,
+        "{url}"
+    );
+    let svc = get(&all, &format!("Service/{}", parts[0]));
+    assert_eq!(svc["metadata"]["namespace"], parts[1], "{url}");
+    assert_eq!(
+        svc["spec"]["ports"][0]["port"].as_u64(),
+        port.parse().ok(),
+        "{url}"
+    );
+    let redis = get(&all, &format!("Deployment/{}", parts[0]));
+    for (k, v) in svc["spec"]["selector"].as_mapping().unwrap() {
+        assert_eq!(
+            &redis["spec"]["template"]["metadata"]["labels"][k.as_str().unwrap()],
+            v
+        );
+    }
+
     // The drain finishes before the kubelet's SIGKILL.
     let timeouts = proxy["timeouts"].as_table().unwrap();
     let drain = timeouts["drain_delay_ms"].as_integer().unwrap()

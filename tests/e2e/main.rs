@@ -14,6 +14,7 @@ mod deploy;
 mod drain;
 mod filters;
 mod isolation;
+mod fleet;
 mod keepalive;
 mod languages;
 mod ops;

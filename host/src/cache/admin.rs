@@ -16,7 +16,6 @@
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::Deserialize;
 
 use super::HttpCache;
@@ -203,7 +202,11 @@ impl HttpCache {
 const MAX_PURGE_BODY: usize = 64 * 1024;
 
 /// Serve `POST /cache/purge`.
-pub async fn purge_request(cache: &HttpCache, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn purge_request<B>(cache: &HttpCache, req: Request<B>) -> Response<ProxyBody>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let query = req.uri().query().map(str::to_string);
     let body = match Limited::new(req.into_body(), MAX_PURGE_BODY)
         .collect()

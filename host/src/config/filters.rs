@@ -36,6 +36,8 @@ pub struct FiltersConfig {
     pub config: BTreeMap<String, toml::Table>,
     /// `[filters.policy.<name>]`: per-filter overrides of the defaults.
     pub policy: BTreeMap<String, FilterPolicyConfig>,
+    /// `[filters.kv]`: the KV backend (see `config/redis.rs`).
+    pub kv: super::KvConfig,
 }
 
 impl Default for FiltersConfig {
@@ -49,6 +51,7 @@ impl Default for FiltersConfig {
             compute_threads: 1,
             config: BTreeMap::new(),
             policy: BTreeMap::new(),
+            kv: super::KvConfig::default(),
         }
     }
 }

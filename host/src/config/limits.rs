@@ -21,6 +21,36 @@ pub struct RateLimitConfig {
     /// when it is absent).
     #[serde(default = "default_key")]
     pub key: String,
+    /// `local` (this process's buckets, default) or `redis` (one limit
+    /// shared by every replica on the same `[redis]`; GCRA in Redis).
+    #[serde(default)]
+    pub backend: RateBackend,
+    /// With `backend = "redis"`, when Redis is unreachable or slower than
+    /// `[redis] timeout_ms`: `allow` (default) or `deny` (`503`).
+    #[serde(default)]
+    pub on_redis_error: OnRedisError,
+}
+
+/// Where a route's buckets live.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RateBackend {
+    /// This process's memory: each replica limits alone.
+    #[default]
+    Local,
+    /// Redis: one limit for the whole fleet.
+    Redis,
+}
+
+/// A Redis-backed limit's answer when Redis fails.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRedisError {
+    /// Let the request through (fail open).
+    #[default]
+    Allow,
+    /// Refuse it with `503` and `Retry-After: 1` (fail closed).
+    Deny,
 }
 
 fn default_key() -> String {

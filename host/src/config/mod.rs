@@ -15,11 +15,13 @@ mod cache;
 mod filters;
 mod limits;
 mod ops;
+mod redis;
 mod upstream;
 pub use cache::*;
 pub use filters::*;
 pub use limits::*;
 pub use ops::*;
+pub use redis::*;
 pub use upstream::*;
 
 /// A configuration error: which file, which line, which key, and why.
@@ -73,6 +75,8 @@ pub struct Config {
     /// `[cache]`: the shared HTTP cache's bounds (used by routes with `cache`).
     #[serde(default)]
     pub cache: CacheConfig,
+    /// `[redis]`: state shared by a fleet of replicas (see `config/redis.rs`).
+    pub redis: Option<RedisConfig>,
     /// Where this config was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -458,6 +462,7 @@ impl Validator<'_> {
         }
         self.validate_cache(config)?;
         self.validate_protection(config)?;
+        self.validate_redis(config)?;
         self.validate_filters(config, &names)?;
         Ok(())
     }

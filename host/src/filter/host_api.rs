@@ -620,17 +620,22 @@ impl log::Host for HostState {
 }
 
 impl kv::Host for HostState {
+    // Each call: the backend's answer under `[filters.kv] on_error` (see
+    // `KvStore::answer`); `?` traps when it is fail_closed.
     fn get(&mut self, key: String) -> Wr<Option<Vec<u8>>> {
-        Ok(self.ctx.kv.get(&key))
+        let kv = &self.ctx.kv;
+        Ok(kv.answer(kv.get_blocking(&key), |_| None)?)
     }
     fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Wr<()> {
-        if !self.ctx.kv.set(key, value, ttl_ms) {
-            tracing::warn!(filter = %self.ctx.name, "kv set dropped: store full or entry too large");
+        let kv = &self.ctx.kv;
+        if !kv.answer(kv.set_blocking(key, value, ttl_ms), |_| false)? {
+            tracing::warn!(filter = %self.ctx.name, "kv set dropped: store full, entry too large or backend unavailable");
         }
         Ok(())
     }
     fn delete(&mut self, key: String) -> Wr<bool> {
-        Ok(self.ctx.kv.delete(&key))
+        let kv = &self.ctx.kv;
+        Ok(kv.answer(kv.delete_blocking(&key), |_| false)?)
     }
     fn increment(
         &mut self,
@@ -638,7 +643,9 @@ impl kv::Host for HostState {
         delta: i64,
         ttl_ms: Option<u64>,
     ) -> Wr<Result<i64, String>> {
-        Ok(self.ctx.kv.increment(key, delta, ttl_ms))
+        let kv = &self.ctx.kv;
+        let outcome = kv.increment_blocking(key, delta, ttl_ms);
+        Ok(kv.answer(outcome, |e| Err(e.to_string()))?)
     }
     fn compare_and_swap(
         &mut self,
@@ -647,10 +654,9 @@ impl kv::Host for HostState {
         value: Vec<u8>,
         ttl_ms: Option<u64>,
     ) -> Wr<bool> {
-        Ok(self
-            .ctx
-            .kv
-            .compare_and_swap(key, expected.as_deref(), value, ttl_ms))
+        let kv = &self.ctx.kv;
+        let outcome = kv.compare_and_swap_blocking(key, expected, value, ttl_ms);
+        Ok(kv.answer(outcome, |_| false)?)
     }
 }
 

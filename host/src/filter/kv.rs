@@ -1,6 +1,18 @@
 //! The key-value store filters share across instances: one namespace per
-//! filter name, surviving reloads of that filter, bounded in entries and
-//! bytes by the filter's manifest (`kv_max_entries`, `kv_max_bytes`).
+//! filter name, surviving reloads of that filter, bounded in entries.
+//!
+//! Two backends behind one [`KvStore`]: this process's memory (default)
+//! and, with `[filters.kv] backend = "redis"`, the fleet's Redis
+//! ([`redis_kv::RedisKv`]), which every replica on the same `[redis]` shares.
+//! Both keep the same bounds ([`MAX_ENTRIES`], [`MAX_ENTRY_BYTES`]).
+//!
+//! The operations are async (`get`, `set`, ...) and have a sync bridge
+//! (`get_blocking`, ...) for today's sync host calls: with Redis it waits
+//! on a channel while the fleet link's own runtime does the I/O, at most
+//! the per-operation deadline. [`KvStore::answer`] applies `[filters.kv]
+//! on_error` to an outcome: what the filter sees, or an error that traps.
+
+mod redis_kv;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,15 +21,183 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-/// Entries one filter may hold by default; writes past it are dropped
-/// (and logged).
+use crate::config::{KvBackend, KvOnError};
+use crate::fleet::RedisError;
+
+/// Entries one filter may hold by default (`kv_max_entries`); writes past
+/// it are dropped (and logged).
 pub const MAX_ENTRIES: usize = 100_000;
-/// Bytes (keys plus values) one filter may hold by default.
+/// Bytes (keys plus values) one filter may hold by default
+/// (`kv_max_bytes`).
 pub const MAX_BYTES: usize = 64 << 20;
 /// Largest key plus value accepted, bytes.
 pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
 
+/// The backend did not answer: Redis is unreachable or slower than
+/// `[filters.kv] timeout_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("key-value backend unavailable: {0}")]
+pub struct KvError(#[from] pub RedisError);
+
+/// One filter's namespace, in whichever backend is configured.
+#[derive(Debug, Default)]
+pub struct KvStore {
+    backend: Backend,
+}
+
 #[derive(Debug)]
+enum Backend {
+    Local(LocalKv),
+    Redis(redis_kv::RedisKv),
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend::Local(LocalKv::default())
+    }
+}
+
+impl KvStore {
+    /// Set the namespace's quotas from the filter's manifest. They bound
+    /// the local backend; a Redis namespace keeps the per-entry limit and
+    /// Redis's own memory policy (docs/operations.md, "Scaling out").
+    pub fn set_limits(&self, max_entries: u64, max_bytes: u64) {
+        if let Backend::Local(l) = &self.backend {
+            l.set_limits(max_entries, max_bytes);
+        }
+    }
+
+    /// The live value at `key`.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.get(key)),
+            Backend::Redis(r) => Ok(r.get(key).await?),
+        }
+    }
+
+    /// Write `value`; false when the namespace is full or the entry too big.
+    pub async fn set(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.set(key, value, ttl_ms)),
+            Backend::Redis(r) => Ok(r.set(key, value, ttl_ms).await?),
+        }
+    }
+
+    /// Remove `key`; true if a live value was there.
+    pub async fn delete(&self, key: &str) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.delete(key)),
+            Backend::Redis(r) => Ok(r.delete(key).await?),
+        }
+    }
+
+    /// Add `delta` to the decimal integer at `key` (absent = 0); the inner
+    /// error is the filter's (not an integer, overflow, store full).
+    pub async fn increment(
+        &self,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> Result<Result<i64, String>, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.increment(key, delta, ttl_ms)),
+            Backend::Redis(r) => Ok(r.increment(key, delta, ttl_ms).await?),
+        }
+    }
+
+    /// Write `value` only if the live value equals `expected` (`None`:
+    /// only if absent).
+    pub async fn compare_and_swap(
+        &self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.compare_and_swap(key, expected.as_deref(), value, ttl_ms)),
+            Backend::Redis(r) => Ok(r.compare_and_swap(key, expected, value, ttl_ms).await?),
+        }
+    }
+
+    /// [`KvStore::get`] from a sync caller.
+    pub fn get_blocking(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.get(key)),
+            Backend::Redis(r) => Ok(r.get_blocking(key)?),
+        }
+    }
+
+    /// [`KvStore::set`] from a sync caller.
+    pub fn set_blocking(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.set(key, value, ttl_ms)),
+            Backend::Redis(r) => Ok(r.set_blocking(key, value, ttl_ms)?),
+        }
+    }
+
+    /// [`KvStore::delete`] from a sync caller.
+    pub fn delete_blocking(&self, key: &str) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.delete(key)),
+            Backend::Redis(r) => Ok(r.delete_blocking(key)?),
+        }
+    }
+
+    /// [`KvStore::increment`] from a sync caller.
+    pub fn increment_blocking(
+        &self,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> Result<Result<i64, String>, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.increment(key, delta, ttl_ms)),
+            Backend::Redis(r) => Ok(r.increment_blocking(key, delta, ttl_ms)?),
+        }
+    }
+
+    /// [`KvStore::compare_and_swap`] from a sync caller.
+    pub fn compare_and_swap_blocking(
+        &self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        match &self.backend {
+            Backend::Local(l) => Ok(l.compare_and_swap(key, expected.as_deref(), value, ttl_ms)),
+            Backend::Redis(r) => Ok(r.compare_and_swap_blocking(key, expected, value, ttl_ms)?),
+        }
+    }
+
+    /// What the filter gets for `outcome` under `[filters.kv] on_error`:
+    /// the answer; or, when the backend failed, `absent(error)` with
+    /// `fail_open` and the error (for the host call to trap on) with
+    /// `fail_closed`.
+    pub fn answer<T>(
+        &self,
+        outcome: Result<T, KvError>,
+        absent: impl FnOnce(&KvError) -> T,
+    ) -> Result<T, KvError> {
+        match (outcome, &self.backend) {
+            (Ok(v), _) => Ok(v),
+            (Err(e), Backend::Redis(r)) if r.on_error == KvOnError::FailClosed => Err(e),
+            (Err(e), _) => Ok(absent(&e)),
+        }
+    }
+}
+
 struct Entry {
     value: Vec<u8>,
     expires: Option<Instant>,
@@ -53,17 +233,18 @@ impl Map {
     }
 }
 
-/// One filter's namespace.
+/// The in-memory backend: one filter's namespace in this process,
+/// bounded by its manifest's quotas.
 #[derive(Debug)]
-pub struct KvStore {
+pub struct LocalKv {
     map: Mutex<Map>,
     max_entries: AtomicUsize,
     max_bytes: AtomicUsize,
 }
 
-impl Default for KvStore {
+impl Default for LocalKv {
     fn default() -> Self {
-        KvStore {
+        LocalKv {
             map: Mutex::new(Map::default()),
             max_entries: AtomicUsize::new(MAX_ENTRIES),
             max_bytes: AtomicUsize::new(MAX_BYTES),
@@ -75,7 +256,7 @@ fn deadline(ttl_ms: Option<u64>) -> Option<Instant> {
     ttl_ms.map(|ms| Instant::now() + Duration::from_millis(ms))
 }
 
-impl KvStore {
+impl LocalKv {
     /// Set the namespace's quotas (from the filter's manifest; the newest
     /// loaded version's apply). Entries already stored are kept.
     pub fn set_limits(&self, max_entries: u64, max_bytes: u64) {
@@ -225,9 +406,29 @@ impl KvStore {
 }
 
 /// Every filter's namespace, by filter name.
-#[derive(Debug, Default)]
 pub struct KvRegistry {
     stores: Mutex<HashMap<String, Arc<KvStore>>>,
+    redis: Option<&'static Arc<crate::fleet::RedisLink>>,
+}
+
+impl std::fmt::Debug for KvRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvRegistry")
+            .field("redis", &self.redis.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for KvRegistry {
+    /// The backend `[filters.kv]` named at start: Redis when the fleet
+    /// link was installed with `backend = "redis"`, else local.
+    fn default() -> Self {
+        let redis = crate::fleet::link().filter(|l| l.kv.backend == KvBackend::Redis);
+        KvRegistry {
+            stores: Mutex::new(HashMap::new()),
+            redis,
+        }
+    }
 }
 
 impl KvRegistry {
@@ -236,7 +437,18 @@ impl KvRegistry {
         self.stores
             .lock()
             .entry(filter.to_string())
-            .or_default()
+            .or_insert_with(|| {
+                let backend = match self.redis {
+                    Some(link) => Backend::Redis(redis_kv::RedisKv::new(
+                        link.clone(),
+                        filter,
+                        Duration::from_millis(link.kv.timeout_ms),
+                        link.kv.on_error,
+                    )),
+                    None => Backend::Local(LocalKv::default()),
+                };
+                Arc::new(KvStore { backend })
+            })
             .clone()
     }
 }
@@ -247,7 +459,7 @@ mod tests {
 
     #[test]
     fn quotas_bound_entries_and_bytes() {
-        let kv = KvStore::default();
+        let kv = LocalKv::default();
         kv.set_limits(2, 1000);
         assert!(kv.set("a".into(), vec![0; 10], None));
         assert!(kv.set("b".into(), vec![0; 10], None));
@@ -263,7 +475,7 @@ mod tests {
 
     #[test]
     fn increment_cas_and_ttl() {
-        let kv = KvStore::default();
+        let kv = LocalKv::default();
         assert_eq!(kv.increment("n".into(), 2, None), Ok(2));
         assert_eq!(kv.increment("n".into(), 3, None), Ok(5));
         kv.set("s".into(), b"x".to_vec(), None);

@@ -8,7 +8,9 @@
 //! 3. hyper's own limits: head size and header count (`431`), the header
 //!    read timeout (slowloris), HTTP/2 stream and reset limits
 //!    (CVE-2023-44487).
-//! 4. Per route: the token-bucket [`RouteRate`] (`429` + `Retry-After`) and
+//! 4. Per route: the token-bucket [`RouteRate`] (`429` + `Retry-After`;
+//!    in this process, or with `backend = "redis"` one bucket for the
+//!    fleet: [`global::GlobalRate`]) and
 //!    the body size limit (`413`, early from `Content-Length`, else while
 //!    streaming: [`body::LimitedBody`]).
 //! 5. On the way back: [`origin::hide_origin`] rewrites redirects that name
@@ -19,6 +21,7 @@
 //! whose limit did not change) is carried into the new snapshot.
 
 pub mod body;
+pub mod global;
 pub mod h1;
 pub mod origin;
 
@@ -35,7 +38,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode, Version};
 
 use crate::body::{self as pbody, ProxyBody};
-use crate::config::{Config, RateKey, RateLimitConfig};
+use crate::config::{Config, RateBackend, RateKey, RateLimitConfig};
 
 /// Count a rejection by reason (`sluicegate_rejected_total`).
 pub fn count_rejection(reason: &'static str) {
@@ -67,7 +70,9 @@ impl Protection {
                 let kept = previous
                     .and_then(|p| p.rates.get(i).cloned().flatten())
                     .filter(|old| old.config == *rl);
-                Some(kept.unwrap_or_else(|| Arc::new(RouteRate::new(rl))))
+                let host = r.host.as_ref().map(|h| h.to_ascii_lowercase());
+                let label = format!("{}{}", host.as_deref().unwrap_or("*"), r.path_prefix);
+                Some(kept.unwrap_or_else(|| Arc::new(RouteRate::new(rl, &label))))
             })
             .collect();
         let hidden_headers = config
@@ -84,15 +89,18 @@ impl Protection {
     }
 
     /// Take a token from route `index`'s bucket; `Some(429)` when empty.
-    pub fn check_rate(
+    /// Async for Redis-backed limits (bounded by `[redis] timeout_ms`);
+    /// local ones answer without waiting.
+    pub async fn check_rate(
         &self,
         index: usize,
         headers: &HeaderMap,
         client: IpAddr,
     ) -> Option<Response<ProxyBody>> {
-        match self.rates.get(index) {
-            Some(Some(rate)) => rate.check(headers, client),
-            _ => None,
+        let rate = self.rates.get(index)?.as_ref()?;
+        match &rate.global {
+            Some(global) => global.check(&rate.bucket(headers, client).name()).await,
+            None => rate.check(headers, client),
         }
     }
 }
@@ -148,6 +156,24 @@ enum BucketKey {
     All,
 }
 
+impl BucketKey {
+    /// The bucket's name in Redis: the address, `*`, or the header value
+    /// (hashed when long or not printable, so keys stay short).
+    fn name(&self) -> String {
+        match self {
+            BucketKey::Ip(ip) => ip.to_string(),
+            BucketKey::All => "*".to_string(),
+            BucketKey::Value(v) if v.len() <= 64 && v.iter().all(|b| b.is_ascii_graphic()) => {
+                format!("h:{}", String::from_utf8_lossy(v))
+            }
+            BucketKey::Value(v) => {
+                use sha2::Digest;
+                format!("h#{}", hex::encode(&sha2::Sha256::digest(v)[..16]))
+            }
+        }
+    }
+}
+
 type KeyedLimiter = RateLimiter<BucketKey, DefaultKeyedStateStore<BucketKey>, DefaultClock>;
 
 /// A route's token buckets (GCRA, which admits exactly what a token bucket
@@ -157,6 +183,8 @@ pub struct RouteRate {
     key: RateKey,
     limiter: KeyedLimiter,
     checks: AtomicU64,
+    /// With `backend = "redis"`: the fleet's bucket (then `limiter` is unused).
+    global: Option<global::GlobalRate>,
 }
 
 /// Buckets are pruned (full ones dropped) every this many checks, so a
@@ -164,7 +192,7 @@ pub struct RouteRate {
 const PRUNE_EVERY: u64 = 4096;
 
 impl RouteRate {
-    fn new(config: &RateLimitConfig) -> RouteRate {
+    fn new(config: &RateLimitConfig, label: &str) -> RouteRate {
         let rps = NonZeroU32::new(config.rps).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.burst()).unwrap_or(NonZeroU32::MIN);
         RouteRate {
@@ -172,18 +200,24 @@ impl RouteRate {
             key: config.key().unwrap_or(RateKey::Client),
             limiter: RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst)),
             checks: AtomicU64::new(0),
+            global: (config.backend == RateBackend::Redis)
+                .then(|| global::GlobalRate::new(config, label)),
         }
     }
 
-    fn check(&self, headers: &HeaderMap, client: IpAddr) -> Option<Response<ProxyBody>> {
-        let key = match &self.key {
+    fn bucket(&self, headers: &HeaderMap, client: IpAddr) -> BucketKey {
+        match &self.key {
             RateKey::Client => BucketKey::Ip(client),
             RateKey::Route => BucketKey::All,
             RateKey::Header(name) => match headers.get(name) {
                 Some(v) => BucketKey::Value(v.as_bytes().into()),
                 None => BucketKey::Ip(client),
             },
-        };
+        }
+    }
+
+    fn check(&self, headers: &HeaderMap, client: IpAddr) -> Option<Response<ProxyBody>> {
+        let key = self.bucket(headers, client);
         if self.checks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
@@ -193,14 +227,7 @@ impl RouteRate {
             Err(not_until) => {
                 count_rejection("rate_limit");
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                // Whole seconds, rounded up: a client that waits this long
-                // finds a token.
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                let mut resp =
-                    pbody::text_response(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-                Some(resp)
+                Some(global::too_many(wait))
             }
         }
     }
@@ -379,8 +406,10 @@ mod tests {
             rps: 1,
             burst: Some(3),
             key: "client".into(),
+            backend: RateBackend::Local,
+            on_redis_error: Default::default(),
         };
-        let rate = RouteRate::new(&cfg);
+        let rate = RouteRate::new(&cfg, "*/");
         let h = HeaderMap::new();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         for _ in 0..3 {

@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod client;
 pub mod proc;
+pub mod redis_server;
 
 use std::future::Future;
 use std::net::SocketAddr;
