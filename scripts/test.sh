@@ -44,8 +44,8 @@ cargo test --target-dir target/guest -p sluicegate-sdk -p add-header -p auth -p 
 echo "== host unit tests and end-to-end tests (real binary, real sockets, real filters)"
 cargo test --release -p sluicegate --lib --tests -- --test-threads "${SLUICEGATE_TEST_THREADS:-2}" 2>&1 | tee -a "$LOG"
 
-echo "== fault and soak tests, alone (10,000 connections; a soak of \${SLUICEGATE_SOAK_SECS:-120} s with RSS sampled)"
-cargo test --release -p sluicegate --test e2e soak:: -- --ignored --test-threads 1 --nocapture 2>&1 | tee -a "$LOG"
+echo "== fault, soak and isolation tests, alone (10,000 connections; a soak of \${SLUICEGATE_SOAK_SECS:-120} s with RSS sampled; a hammered computing filter)"
+cargo test --release -p sluicegate --test e2e soak:: isolation:: -- --ignored --test-threads 1 --nocapture 2>&1 | tee -a "$LOG"
 
 echo "== fuzzing: a bounded run of every fuzz target (\${SLUICEGATE_FUZZ_SECS:-6} s each; long runs: docs/security.md)"
 bash scripts/fuzz.sh "${SLUICEGATE_FUZZ_SECS:-6}"

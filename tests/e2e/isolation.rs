@@ -3,6 +3,10 @@
 //! with bounded latency, the filter's version runs on the compute pool,
 //! and its CPU share sheds what it cannot afford. Generous bounds here;
 //! the exact figures are the benchmark's (`bench/isolation.py`).
+//!
+//! Ignored in the parallel run: they load both cores on purpose, which
+//! would skew the timing of the tests beside them. scripts/test.sh runs
+//! them alone, with the soak tests.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -113,6 +117,7 @@ async fn filter_status(p: &Proxy, name: &str) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "loads both cores: run alone (scripts/test.sh does)"]
 async fn a_plain_route_keeps_serving_while_a_computing_filter_is_hammered() {
     let app = Backend::echo("app").await;
     let cfg = Cfg::new()
@@ -170,6 +175,7 @@ async fn a_plain_route_keeps_serving_while_a_computing_filter_is_hammered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "loads both cores: run alone (scripts/test.sh does)"]
 async fn a_looping_filter_is_cut_at_its_deadline_without_holding_a_worker() {
     let app = Backend::echo("app").await;
     let cfg = Cfg::new()

@@ -334,7 +334,8 @@ async fn three_languages_in_one_chain() {
         cfg,
         &["c-blocklist", "py-router", "js-validate"],
         "[filters.config.c-blocklist]\nblocked = [\"127.0.0.2\"]\n\
-         [filters.config.py-router]\nheader = \"x-tenant\"\nroutes = { beta = \"beta-pool\" }\n",
+         [filters.config.py-router]\nheader = \"x-tenant\"\nroutes = { beta = \"beta-pool\" }\n\
+         [filters.policy.py-router]\nupstreams = [\"beta-pool\"]\n",
     );
     let r = send(&p, Method::POST, "/", &[("x-tenant", "beta")], "{\"a\": 1}").await;
     assert_eq!(r.status, StatusCode::OK, "{r:?}");
