@@ -489,3 +489,66 @@ fn check_filters_names_the_broken_filter_and_passes_the_demo() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn the_demo_starts_with_only_the_examples_and_no_error() {
+    // The demo's fixed ports (8080, 9001, 9002, 9901): skip if a demo or
+    // anything else already holds them on this machine.
+    let taken = ["127.0.0.1:8080", "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9901"]
+        .iter()
+        .any(|a| std::net::TcpListener::bind(a).is_err());
+    if taken {
+        eprintln!("demo ports in use: skipped");
+        return;
+    }
+    let built = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/filters");
+    let mut child = std::process::Command::new(BIN)
+        .args(["demo", "--filters", built])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the demo");
+    let admin: std::net::SocketAddr = "127.0.0.1:9901".parse().unwrap();
+    let filters = within(60, "the demo's admin API", async {
+        loop {
+            if let Ok(s) = tokio::net::TcpStream::connect(admin).await {
+                drop(s);
+                let r = client::request(admin, Method::GET, "/filters", &[], Bytes::new()).await;
+                let v: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+                let names: Vec<String> = v["filters"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| format!("{}={}", f["name"].as_str().unwrap(), f["state"]))
+                    .collect();
+                return names;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let r = get_at("127.0.0.1:8080".parse().unwrap(), "/hello").await;
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(r.status, StatusCode::OK, "{log}");
+    assert!(!log.contains("ERROR"), "the demo's first start logs no ERROR:\n{log}");
+    assert!(
+        filters.iter().all(|f| !f.starts_with("hostile") && !f.starts_with("probe")),
+        "only the examples: {filters:?}"
+    );
+    assert!(
+        filters.iter().all(|f| f.ends_with("=\"active\"")),
+        "{filters:?}"
+    );
+}
+
+async fn get_at(addr: std::net::SocketAddr, path: &str) -> Resp {
+    within(
+        10,
+        path,
+        client::request(addr, Method::GET, path, &[], Bytes::new()),
+    )
+    .await
+}

@@ -198,6 +198,7 @@ impl KvStore {
     }
 }
 
+#[derive(Debug)]
 struct Entry {
     value: Vec<u8>,
     expires: Option<Instant>,
