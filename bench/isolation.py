@@ -125,7 +125,7 @@ def main() -> int:
             raise B.BenchError(f"{src} missing: run scripts/build-filters.sh")
         (fdir / f"{f}.wasm").write_bytes(src.read_bytes())
     busy = B.cpu_busy()
-    procs = B.Processes()
+    procs = B.Processes(work / "pids")
     results: dict[str, list[dict]] = {k: [] for k in LOADS}
     try:
         backend, port, admin = B.free_ports(3)

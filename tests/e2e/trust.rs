@@ -494,9 +494,14 @@ fn check_filters_names_the_broken_filter_and_passes_the_demo() {
 async fn the_demo_starts_with_only_the_examples_and_no_error() {
     // The demo's fixed ports (8080, 9001, 9002, 9901): skip if a demo or
     // anything else already holds them on this machine.
-    let taken = ["127.0.0.1:8080", "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9901"]
-        .iter()
-        .any(|a| std::net::TcpListener::bind(a).is_err());
+    let taken = [
+        "127.0.0.1:8080",
+        "127.0.0.1:9001",
+        "127.0.0.1:9002",
+        "127.0.0.1:9901",
+    ]
+    .iter()
+    .any(|a| std::net::TcpListener::bind(a).is_err());
     if taken {
         eprintln!("demo ports in use: skipped");
         return;
@@ -533,9 +538,14 @@ async fn the_demo_starts_with_only_the_examples_and_no_error() {
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(r.status, StatusCode::OK, "{log}");
-    assert!(!log.contains("ERROR"), "the demo's first start logs no ERROR:\n{log}");
     assert!(
-        filters.iter().all(|f| !f.starts_with("hostile") && !f.starts_with("probe")),
+        !log.contains("ERROR"),
+        "the demo's first start logs no ERROR:\n{log}"
+    );
+    assert!(
+        filters
+            .iter()
+            .all(|f| !f.starts_with("hostile") && !f.starts_with("probe")),
         "only the examples: {filters:?}"
     );
     assert!(

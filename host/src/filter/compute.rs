@@ -200,6 +200,16 @@ impl ComputePool {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("sluicegate-filter-compute")
+            // Below the workers' priority (nice +10, this thread only, as
+            // Linux applies it per thread): when both compete for a core,
+            // the kernel gives plain requests the workers' time first.
+            // Best effort: a failure leaves the thread at the default.
+            .on_thread_start(|| {
+                let tid = rustix::thread::gettid();
+                if let Err(e) = rustix::process::setpriority_process(Some(tid), 10) {
+                    tracing::debug!(error = %e, "cannot lower the compute thread's priority");
+                }
+            })
             .enable_time()
             .build()?;
         Ok(ComputePool {

@@ -89,18 +89,26 @@ impl Protection {
     }
 
     /// Take a token from route `index`'s bucket; `Some(429)` when empty.
-    /// Async for Redis-backed limits (bounded by `[redis] timeout_ms`);
-    /// local ones answer without waiting.
-    pub async fn check_rate(
-        &self,
+    /// Local limits answer at once (a ready future, nothing allocated);
+    /// Redis-backed ones wait (bounded by `[redis] timeout_ms`) in a boxed
+    /// future, so the plain path's request future does not carry the Redis
+    /// call's state.
+    pub fn check_rate<'a>(
+        &'a self,
         index: usize,
         headers: &HeaderMap,
         client: IpAddr,
-    ) -> Option<Response<ProxyBody>> {
-        let rate = self.rates.get(index)?.as_ref()?;
+    ) -> impl std::future::Future<Output = Option<Response<ProxyBody>>> + Send + 'a {
+        use futures_util::future::Either;
+        let Some(rate) = self.rates.get(index).and_then(|r| r.as_ref()) else {
+            return Either::Left(std::future::ready(None));
+        };
         match &rate.global {
-            Some(global) => global.check(&rate.bucket(headers, client).name()).await,
-            None => rate.check(headers, client),
+            Some(global) => {
+                let bucket = rate.bucket(headers, client).name();
+                Either::Right(Box::pin(async move { global.check(&bucket).await }))
+            }
+            None => Either::Left(std::future::ready(rate.check(headers, client))),
         }
     }
 }
