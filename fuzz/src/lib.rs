@@ -29,6 +29,15 @@ pub mod protect {
     pub mod origin;
 }
 
+#[path = "../../host/src/cache/rfc.rs"]
+#[doc(hidden)]
+pub mod cache_rfc;
+
+pub mod cache {
+    //! The cache's field reader: the cache config names its settings.
+    pub use super::cache_rfc as rfc;
+}
+
 pub mod tls {
     //! The host loads certificate files with rustls; the config target
     //! fuzzes the TOML and its validator, not PEM files on disk, so loading
