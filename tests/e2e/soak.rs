@@ -746,7 +746,7 @@ async fn load_task<F, Fut>(
 /// that closes idle connections after 1 s: none fails. The default suite
 /// runs 40 (`upstream_keepalive::`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "long: run alone by scripts/test.sh"]
+#[ignore = "about 17 minutes: run by hand (docs/cache.md); scripts/test.sh skips it"]
 async fn puts_around_an_idle_close_1000() {
     crate::upstream_keepalive::puts_around_an_idle_close(1000).await;
 }
