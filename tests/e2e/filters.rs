@@ -9,27 +9,7 @@ use http::{Method, StatusCode};
 
 use crate::common::{client, wasm, within, Backend, Cfg, Fnv, Proxy, Resp};
 
-/// A proxy with `filters` copied into its filter dir and `extra` TOML.
-fn start(cfg: Cfg, filters: &[&str], filters_toml: &str) -> Proxy {
-    let named: Vec<(&str, &str)> = filters.iter().map(|f| (*f, *f)).collect();
-    start_as(cfg, &named, filters_toml)
-}
-
-/// Like [`start`], with each filter installed under a name of its own:
-/// `(name, built filter)`, e.g. one fixture twice with two configs.
-fn start_as(cfg: Cfg, filters: &[(&str, &str)], filters_toml: &str) -> Proxy {
-    let toml = cfg
-        .admin()
-        .extra(&format!(
-            "[filters]\ndir = \"@DIR@/filters\"\n{filters_toml}"
-        ))
-        .toml();
-    let mut b = Proxy::builder(&toml);
-    for (name, built) in filters {
-        b = b.file(&format!("filters/{name}.wasm"), wasm(built));
-    }
-    b.start()
-}
+use crate::common::{start_with_filters as start, start_with_filters_as as start_as};
 
 async fn get(p: &Proxy, path: &str, headers: &[(&str, &str)]) -> Resp {
     within(

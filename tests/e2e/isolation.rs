@@ -14,19 +14,8 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
-use crate::common::{client, wasm, Backend, Cfg, H1Conn, Proxy};
-
-fn start(cfg: Cfg, filters: &[&str], toml: &str) -> Proxy {
-    let toml = cfg
-        .admin()
-        .extra(&format!("[filters]\ndir = \"@DIR@/filters\"\n{toml}"))
-        .toml();
-    let mut b = Proxy::builder(&toml);
-    for f in filters {
-        b = b.file(&format!("filters/{f}.wasm"), wasm(f));
-    }
-    b.start()
-}
+use crate::common::start_with_filters as start;
+use crate::common::{client, Backend, Cfg, H1Conn, Proxy};
 
 /// Hammer `path` with `conns` keep-alive clients sending `headers` until
 /// `stop`; returns (200s, 503s, others).

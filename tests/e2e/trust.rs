@@ -10,21 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
+use crate::common::start_with_filters as start;
 use crate::common::{client, metric_value, wasm, within, Backend, Cfg, Proxy, Resp, TempDir, BIN};
-
-/// A proxy running `filters` (installed under their own names) on `/`,
-/// with `toml` appended after `[filters]`.
-fn start(cfg: Cfg, filters: &[&str], toml: &str) -> Proxy {
-    let toml = cfg
-        .admin()
-        .extra(&format!("[filters]\ndir = \"@DIR@/filters\"\n{toml}"))
-        .toml();
-    let mut b = Proxy::builder(&toml);
-    for f in filters {
-        b = b.file(&format!("filters/{f}.wasm"), wasm(f));
-    }
-    b.start()
-}
 
 async fn get(p: &Proxy, path: &str, headers: &[(&str, &str)]) -> Resp {
     within(

@@ -45,6 +45,30 @@ pub fn wasm(name: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("{example} or {fixture}: {e} (run scripts/build-filters.sh)"))
 }
 
+/// A proxy (with its admin listener) whose `[filters]` dir holds
+/// `filters`, each installed under its own name, with `filters_toml`
+/// appended after `[filters]`.
+pub fn start_with_filters(cfg: Cfg, filters: &[&str], filters_toml: &str) -> Proxy {
+    let named: Vec<(&str, &str)> = filters.iter().map(|f| (*f, *f)).collect();
+    start_with_filters_as(cfg, &named, filters_toml)
+}
+
+/// Like [`start_with_filters`], with each filter installed under a name of
+/// its own: `(name, built filter)`, e.g. one fixture twice with two configs.
+pub fn start_with_filters_as(cfg: Cfg, filters: &[(&str, &str)], filters_toml: &str) -> Proxy {
+    let toml = cfg
+        .admin()
+        .extra(&format!(
+            "[filters]\ndir = \"@DIR@/filters\"\n{filters_toml}"
+        ))
+        .toml();
+    let mut b = Proxy::builder(&toml);
+    for (name, built) in filters {
+        b = b.file(&format!("filters/{name}.wasm"), wasm(built));
+    }
+    b.start()
+}
+
 /// Where the `versioned` filter keeps the ten digits it reports.
 const VERSION_MARKER: &[u8] = b"SGVERSION:";
 
