@@ -152,12 +152,7 @@ def main() -> int:
         S.start_backend(procs, work, backend)
         filter_dir = None
         if args.filter:
-            wasm = Path(args.add_header_wasm)
-            if not wasm.is_file():
-                raise B.BenchError(f"{wasm} missing: bench/run.sh builds it (scripts/build-filters.sh)")
-            filter_dir = work / "filters"
-            filter_dir.mkdir()
-            shutil.copy2(wasm, filter_dir / "add-header.wasm")
+            filter_dir = S.add_header_dir(Path(args.add_header_wasm), work / "filters")
         toml = S.sluicegate_toml(port, admin, backend, filter_dir)
     if args.tracing:
         toml += (f"\n[tracing]\nendpoint = \"http://127.0.0.1:{start_sink()}\"\n"

@@ -85,12 +85,7 @@ def start(key: str, procs: B.Processes, work: Path, port: int, admin: int, backe
         exe = Path(args.sluicegate).resolve()
         filter_dir = None
         if key == "sluicegate-filter":
-            wasm = Path(args.add_header_wasm)
-            if not wasm.is_file():
-                raise B.BenchError(f"{wasm} missing: bench/run.sh builds it (scripts/build-filters.sh)")
-            filter_dir = d / "filters"
-            filter_dir.mkdir()
-            shutil.copy2(wasm, filter_dir / "add-header.wasm")
+            filter_dir = S.add_header_dir(Path(args.add_header_wasm), d / "filters")
         w = wrapper(work, key, str(exe), "SLUICEGATE_WASM_ON_DEMAND=1 " if filter_dir else "")
         t = S.start_sluicegate(procs, work, key, LABELS[key], port, w,
                                S.sluicegate_toml(port, admin, backend, filter_dir), timeout=args.start_timeout)
