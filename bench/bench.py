@@ -163,25 +163,26 @@ class Processes:
 
     def stop_all(self) -> None:
         procs, self.procs = self.procs, []
+        self.stop(procs, grace=5)
+
+    def stop(self, procs: list[Proc], grace: float) -> None:
+        """SIGTERM each process group, wait up to `grace` seconds for all of them, then SIGKILL
+        what is left. `procs` are forgotten (stop_all passes every one; callgrind_peers one
+        target's, whose valgrind needs a long grace to write its dump)."""
+        self.procs = [p for p in self.procs if p not in procs]
         for p in procs:
-            for sig in (signal.SIGTERM,):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)  # every one leads its own session/process group
+            except ProcessLookupError:
+                pass
+            except PermissionError:
                 try:
-                    os.killpg(p.pid, sig)  # every one leads its own session/process group
+                    os.kill(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-                except PermissionError:
-                    try:
-                        os.kill(p.pid, sig)
-                    except ProcessLookupError:
-                        pass
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + grace
         for p in procs:
-            while time.monotonic() < deadline:
-                if p.popen is not None:
-                    if p.popen.poll() is not None:
-                        break
-                elif not pid_alive(p.pid):
-                    break
+            while self.alive(p) and time.monotonic() < deadline:
                 time.sleep(0.05)
             try:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -194,10 +195,11 @@ class Processes:
                     pass
         if procs:
             log(f"stopped {len(procs)} processes")
-        try:
-            self.pidfile.write_text("")
-        except OSError:
-            pass
+        if not self.procs:
+            try:
+                self.pidfile.write_text("")
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,9 +32,7 @@ table: Ir per request and × nginx; the top functions by self cost of each).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -130,27 +128,9 @@ def start(key: str, procs: B.Processes, work: Path, port: int, admin: int, backe
 
 
 def stop_target(procs: B.Processes, key: str) -> None:
-    """Stop one target's processes (each leads its own process group), keep the rest running."""
-    mine = [q for q in procs.procs if q.name == key]
-    for q in mine:
-        try:
-            os.killpg(q.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + 30  # valgrind writes its final dump on the way out
-    for q in mine:
-        while procs.alive(q) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        try:
-            os.killpg(q.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if q.popen is not None:
-            try:
-                q.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        procs.procs.remove(q)
+    """Stop one target's processes, keep the rest running; valgrind writes its final dump on the
+    way out, hence the long grace."""
+    procs.stop([q for q in procs.procs if q.name == key], grace=30)
 
 
 def measure(t: B.Target, work: Path, out: Path, args: argparse.Namespace) -> dict:

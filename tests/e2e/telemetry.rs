@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::trace::v1::{
 use prost::Message;
 
 use crate::common::backend::full;
-use crate::common::{start_with_filters, within, Backend, Cfg, Proxy};
+use crate::common::{start_with_filters, within, Backend, Cfg, Proxy, Resp};
 
 /// An OTLP/HTTP collector: decodes every `POST /v1/traces` body as an
 /// `ExportTraceServiceRequest` and keeps the spans (with their resource's
@@ -103,6 +103,13 @@ impl Collector {
             .map(|(_, s)| s.clone())
             .collect()
     }
+}
+
+/// `GET path` through the proxy within 10 s, expecting a 200.
+async fn get_ok(p: &Proxy, path: &str, headers: &[(&str, &str)]) -> Resp {
+    let resp = within(10, path, p.get(path, headers)).await;
+    assert_eq!(resp.status, StatusCode::OK, "GET {path}");
+    resp
 }
 
 fn string(v: &Value) -> Option<String> {
@@ -303,8 +310,7 @@ async fn new_traces_follow_the_ratio_and_a_sampled_parent_is_always_followed() {
 
     // No traceparent: a new trace, not sampled at ratio 0, still
     // propagated (flags 00) so the origin can join its logs to it.
-    let resp = within(10, "an untraced request", p.get("/new", &[])).await;
-    assert_eq!(resp.status, StatusCode::OK);
+    let resp = get_ok(&p, "/new", &[]).await;
     let sent = resp.echo().one("traceparent").to_string();
     let parts: Vec<&str> = sent.split('-').collect();
     assert_eq!(parts.len(), 4, "{sent}");
@@ -315,13 +321,7 @@ async fn new_traces_follow_the_ratio_and_a_sampled_parent_is_always_followed() {
 
     // A sampled parent is followed whatever the ratio.
     let traceparent = format!("00-{TRACE}-{PARENT}-01");
-    let resp = within(
-        10,
-        "a traced request",
-        p.get("/kept", &[("traceparent", &traceparent)]),
-    )
-    .await;
-    assert_eq!(resp.status, StatusCode::OK);
+    get_ok(&p, "/kept", &[("traceparent", &traceparent)]).await;
     let spans = collector.wait_trace(TRACE, 2).await;
     assert!(
         spans.iter().any(|(svc, _)| svc == "sluicegate"),
@@ -339,13 +339,7 @@ async fn new_traces_follow_the_ratio_and_a_sampled_parent_is_always_followed() {
     );
 
     // An invalid traceparent starts a new trace instead.
-    let resp = within(
-        10,
-        "a bad traceparent",
-        p.get("/bad", &[("traceparent", "00-xyz-01")]),
-    )
-    .await;
-    assert_eq!(resp.status, StatusCode::OK);
+    let resp = get_ok(&p, "/bad", &[("traceparent", "00-xyz-01")]).await;
     let sent = resp.echo().one("traceparent").to_string();
     assert!(sent.starts_with("00-") && !sent.contains("xyz"), "{sent}");
 }
@@ -359,13 +353,7 @@ async fn without_tracing_traceparent_passes_through_untouched() {
         .toml();
     let p = Proxy::start(&cfg);
     let traceparent = format!("00-{TRACE}-{PARENT}-01");
-    let resp = within(
-        10,
-        "a request",
-        p.get("/", &[("traceparent", &traceparent)]),
-    )
-    .await;
-    assert_eq!(resp.status, StatusCode::OK);
+    let resp = get_ok(&p, "/", &[("traceparent", &traceparent)]).await;
     assert_eq!(resp.echo().one("traceparent"), traceparent);
     assert!(!resp.echo().has("tracestate"));
 }

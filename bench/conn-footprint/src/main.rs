@@ -9,6 +9,9 @@
 //! builder settings). What differs: the service answers `200 hello world` itself (no upstream),
 //! and there are no metrics, access log or per-IP limiter (a `ConnGuard` is a few inline bytes).
 //!
+//! The copy models server.rs as of commit d85f11e. It does not follow server.rs by itself: when the
+//! plain path's per-connection state changes there, copy it again here and name the new commit.
+//!
 //! The global allocator is mimalloc v2 (as the host) wrapped by a counter of live bytes and live
 //! blocks per requested size. Commands on stdin, answers on stdout (one JSON object a line):
 //!   `base`  remember the live allocations now;

@@ -146,7 +146,7 @@ impl RequestSpan {
     /// End the span with the response's status and the matched route
     /// (`none` when no route matched). The span ends when the response
     /// head is ready; a streamed body may take longer.
-    pub fn finish<B>(self: Box<Self>, resp: &Response<B>, route: &str) {
+    pub fn finish<B>(self, resp: &Response<B>, route: &str) {
         let span = self.cx.span();
         if span.is_recording() {
             let status = resp.status().as_u16();
