@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Live bytes per idle keep-alive connection on Sluicegate's plain HTTP/1.1 path, by allocation size.
 
-    python3 bench/conn_footprint.py [-n 10000] [--variants default,boxed-slot,no-park]
+    python3 bench/conn_footprint.py [-n 10000] [--variants default,no-park]
 
 Builds bench/conn-footprint (its own workspace, --target-dir target/footprint: the host's h1 reader
 and ticker compiled in by path, server.rs's per-connection path copied, a counting allocator over
@@ -55,7 +55,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=10000)
     ap.add_argument("--settle", type=float, default=3.0)
-    ap.add_argument("--variants", default="default,boxed-slot,no-park")
+    ap.add_argument("--variants", default="default,no-park")
     ap.add_argument("--out", default=str(S.BENCH / "out" / "footprint"))
     args = ap.parse_args()
     S.raise_nofile(args.n + 512)

@@ -183,8 +183,9 @@ pub async fn serve(
                 if park_after > Duration::ZERO {
                     strict = strict.with_park(park_after, inflight);
                 }
+                let strict = Box::new(strict);
                 tasks.spawn(async move {
-                    serve_plain(strict, builder, service, stop, idle.saturating_sub(park_after), client).await;
+                    serve_plain(strict, builder, service, stop, client).await;
                     drop(admitted);
                     open.fetch_sub(1, Ordering::Relaxed);
                 });
@@ -234,15 +235,16 @@ fn connection_builder(cfg: &crate::config::Config) -> auto::Builder<TokioExecuto
 
 /// Serve one plain HTTP/1.1 or h2c client connection. An HTTP/1.1
 /// connection that goes idle is parked (see [`crate::protect::h1`]): hyper
-/// and its buffers go away, the socket waits for the next request (at most
-/// `parked_idle`, the rest of the idle timeout), which a new hyper
-/// connection serves.
+/// and its buffers go away, the socket waits for the next request, which a
+/// new hyper connection serves. A parked connection's task keeps only what
+/// this future holds across the parked wait: the boxed reader, the
+/// service's captures and a few pointers (the hyper side is built in a
+/// block, so the generator reserves no room for it while parked).
 async fn serve_plain<S>(
-    mut strict: StrictH1<IdleTimeout>,
+    mut strict: Box<StrictH1<IdleTimeout>>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     service: S,
     stop: CancellationToken,
-    parked_idle: Duration,
     client: SocketAddr,
 ) where
     S: hyper::service::Service<
@@ -256,26 +258,29 @@ async fn serve_plain<S>(
 {
     let slot: ParkSlot<IdleTimeout> = Arc::default();
     loop {
-        let io = TokioIo::new(Parkable::new(strict, slot.clone()));
-        // Boxed: a parked connection's task keeps only a pointer's worth.
-        let conn = builder
-            .serve_connection_with_upgrades(io, service.clone())
-            .into_owned();
-        if let Err(e) = until_done(conn, stop.clone()).await {
+        let done = {
+            let io = TokioIo::new(Parkable::new(strict, slot.clone()));
+            let conn = builder
+                .serve_connection_with_upgrades(io, service.clone())
+                .into_owned();
+            until_done(conn, stop.clone())
+        };
+        if let Err(e) = done.await {
             tracing::debug!(client = %client, error = %e, "connection ended with an error");
         }
         let parked = slot.lock().ok().and_then(|mut s| s.take());
         let Some(io) = parked else { return };
         metrics::counter!("sluicegate_connections_parked_total").increment(1);
         strict = io;
-        tokio::select! {
-            ready = strict.get_ref().inner.readable() => {
-                if ready.is_err() {
-                    return;
-                }
-            }
-            _ = tokio::time::sleep(parked_idle) => return,
-            _ = stop.cancelled() => return,
+        // Parked until the client sends again. The idle timeout is the
+        // connection's own timer (`IdleTimeout`, counted from the last
+        // byte), polled here as it is during reads: no second timer.
+        let resumed = tokio::select! {
+            resumed = std::future::poll_fn(|cx| strict.get_mut().poll_parked(cx)) => resumed,
+            _ = stop.cancelled() => false,
+        };
+        if !resumed {
+            return;
         }
         strict.unpark();
     }
@@ -392,6 +397,16 @@ impl IdleTimeout {
     /// Bytes moved.
     fn touch(&mut self) {
         self.activity = self.activity.wrapping_add(1);
+    }
+
+    /// Parked: `true` once the client's next bytes (or its close) can be
+    /// read, `false` if the socket fails or the idle timeout strikes first.
+    fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        match self.inner.poll_read_ready(cx) {
+            Poll::Ready(ready) => Poll::Ready(ready.is_ok()),
+            Poll::Pending if self.expired(cx) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     /// Has the connection been quiet for `IDLE_TICKS` ticks? Re-arms the

@@ -9,7 +9,7 @@
 //! builder settings). What differs: the service answers `200 hello world` itself (no upstream),
 //! and there are no metrics, access log or per-IP limiter (a `ConnGuard` is a few inline bytes).
 //!
-//! The copy models server.rs as of commit d85f11e. It does not follow server.rs by itself: when the
+//! The copy models server.rs as of the commit that boxed the parked reader (after d85f11e). It does not follow server.rs by itself: when the
 //! plain path's per-connection state changes there, copy it again here and name the new commit.
 //!
 //! The global allocator is mimalloc v2 (as the host) wrapped by a counter of live bytes and live
@@ -18,10 +18,9 @@
 //!   `dump`  live bytes, blocks and RSS now, and the sizes whose live count grew since `base`;
 //!   `sizes` the size of each type involved (`size_of`).
 //!
-//! Variants (proposals, tried here before anyone touches the host): `default` is the host as it
-//! is; `boxed-slot` parks into `Mutex<Option<Box<StrictH1>>>` instead of an inline
-//! `Option<StrictH1>` (the slot otherwise holds a second, empty StrictH1's worth of bytes for the
-//! connection's whole life); `no-park` turns parking off (keepalive_park_ms = 0: what hyper keeps).
+//! Variants: `default` is the host as it is; `no-park` turns parking off (keepalive_park_ms = 0:
+//! what hyper keeps). The `boxed-slot` proposal of commit d85f11e's model is now the host's own
+//! (the reader is boxed through `ParkSlot`), so that variant is gone.
 use std::alloc::{GlobalAlloc, Layout};
 use std::convert::Infallible;
 use std::future::Future;
@@ -209,6 +208,13 @@ impl IdleTimeout {
     fn touch(&mut self) {
         self.activity = self.activity.wrapping_add(1);
     }
+    fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        match self.inner.poll_read_ready(cx) {
+            Poll::Ready(ready) => Poll::Ready(ready.is_ok()),
+            Poll::Pending if self.expired(cx) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
+    }
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         let IdleTimeout { timer, activity, seen, quiet, inflight, .. } = self;
         timer.poll_ticks(cx, || {
@@ -292,15 +298,12 @@ impl<C: GracefulConnection> Future for UntilDone<C> {
     }
 }
 
-/// `serve_plain` of server.rs, unchanged apart from the metric (and, for the `boxed-slot`
-/// variant, where the parked reader is kept).
+/// `serve_plain` of server.rs, unchanged apart from the metric and the log line.
 async fn serve_plain<S>(
-    mut strict: StrictH1<IdleTimeout>,
+    mut strict: Box<StrictH1<IdleTimeout>>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     service: S,
     stop: CancellationToken,
-    parked_idle: Duration,
-    boxed_slot: bool,
 ) where
     S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<Body>>
         + Clone
@@ -309,64 +312,23 @@ async fn serve_plain<S>(
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let _ = boxed_slot;
     let slot: protect::h1::ParkSlot<IdleTimeout> = Arc::default();
     loop {
-        let io = TokioIo::new(Parkable::new(strict, slot.clone()));
-        let conn = builder.serve_connection_with_upgrades(io, service.clone()).into_owned();
-        let _ = until_done(conn, stop.clone()).await;
+        let done = {
+            let io = TokioIo::new(Parkable::new(strict, slot.clone()));
+            let conn = builder.serve_connection_with_upgrades(io, service.clone()).into_owned();
+            until_done(conn, stop.clone())
+        };
+        let _ = done.await;
         let parked = slot.lock().ok().and_then(|mut s| s.take());
         let Some(io) = parked else { return };
         strict = io;
-        tokio::select! {
-            ready = strict.get_ref().inner.readable() => {
-                if ready.is_err() {
-                    return;
-                }
-            }
-            _ = tokio::time::sleep(parked_idle) => return,
-            _ = stop.cancelled() => return,
-        }
-        strict.unpark();
-    }
-}
-
-/// The `boxed-slot` proposal: the parked reader waits in a `Box` moved through the slot, and the
-/// task holds a `Box` too, so the future and the slot hold pointers instead of two StrictH1s.
-async fn serve_plain_boxed<S>(
-    strict: StrictH1<IdleTimeout>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    service: S,
-    stop: CancellationToken,
-    parked_idle: Duration,
-) where
-    S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    // With the host's Parkable this needs `ParkSlot<T> = Arc<Mutex<Option<Box<StrictH1<T>>>>>`;
-    // modelled here by keeping the strict reader boxed between connections.
-    let mut strict = Box::new(strict);
-    loop {
-        let slot: protect::h1::ParkSlot<IdleTimeout> = Arc::default();
-        let io = TokioIo::new(Parkable::new(*strict, slot.clone()));
-        let conn = builder.serve_connection_with_upgrades(io, service.clone()).into_owned();
-        let _ = until_done(conn, stop.clone()).await;
-        let parked = slot.lock().ok().and_then(|mut s| s.take());
-        drop(slot);
-        let Some(io) = parked else { return };
-        strict = Box::new(io);
-        tokio::select! {
-            ready = strict.get_ref().inner.readable() => {
-                if ready.is_err() {
-                    return;
-                }
-            }
-            _ = tokio::time::sleep(parked_idle) => return,
-            _ = stop.cancelled() => return,
+        let resumed = tokio::select! {
+            resumed = std::future::poll_fn(|cx| strict.get_mut().poll_parked(cx)) => resumed,
+            _ = stop.cancelled() => false,
+        };
+        if !resumed {
+            return;
         }
         strict.unpark();
     }
@@ -385,13 +347,13 @@ fn main() {
     let variant = args.iter().position(|a| a == "--variant").and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| "default".into());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let sizes = format!(
-        "{{\"StrictH1<IdleTimeout>\":{},\"IdleTimeout\":{},\"Ticker\":{},\"tokio::time::Sleep\":{},\"TcpStream\":{},\"Mutex<Option<StrictH1<IdleTimeout>>>\":{},\"variant\":\"{variant}\"}}",
+        "{{\"StrictH1<IdleTimeout>\":{},\"IdleTimeout\":{},\"Ticker\":{},\"tokio::time::Sleep\":{},\"TcpStream\":{},\"Mutex<Option<Box<StrictH1<IdleTimeout>>>>\":{},\"variant\":\"{variant}\"}}",
         std::mem::size_of::<StrictH1<IdleTimeout>>(),
         std::mem::size_of::<IdleTimeout>(),
         std::mem::size_of::<Ticker>(),
         std::mem::size_of::<tokio::time::Sleep>(),
         std::mem::size_of::<TcpStream>(),
-        std::mem::size_of::<Mutex<Option<StrictH1<IdleTimeout>>>>(),
+        std::mem::size_of::<Mutex<Option<Box<StrictH1<IdleTimeout>>>>>(),
     );
     let sizes2 = sizes.clone();
     std::thread::spawn(move || control(sizes2));
@@ -433,22 +395,12 @@ fn main() {
                 strict = strict.with_park(park_after, inflight);
             }
             let (builder, stop) = (builder.clone(), stop.clone());
-            let parked_idle = idle.saturating_sub(park_after);
-            if variant == "boxed-slot" {
-                let fut = serve_plain_boxed(strict, builder, service, stop, parked_idle);
-                if !printed {
-                    eprintln!("serve_plain_boxed future: {} bytes", std::mem::size_of_val(&fut));
-                    printed = true;
-                }
-                tasks.spawn(fut);
-            } else {
-                let fut = serve_plain(strict, builder, service, stop, parked_idle, false);
-                if !printed {
-                    eprintln!("serve_plain future: {} bytes", std::mem::size_of_val(&fut));
-                    printed = true;
-                }
-                tasks.spawn(fut);
+            let fut = serve_plain(Box::new(strict), builder, service, stop);
+            if !printed {
+                eprintln!("serve_plain future: {} bytes", std::mem::size_of_val(&fut));
+                printed = true;
             }
+            tasks.spawn(fut);
         }
     });
 }

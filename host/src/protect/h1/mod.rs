@@ -168,9 +168,10 @@ impl<T> StrictH1<T> {
         }
     }
 
-    /// The stream inside.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
+    /// The stream inside (the server polls a parked connection's
+    /// readiness and idle timer through it).
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
     }
 
     /// Hand the examined bytes at the front of the inbox to hyper's side.
@@ -373,19 +374,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StrictH1<T> {
     }
 }
 
-/// Where a parked connection comes back when hyper drops it.
-pub type ParkSlot<T> = Arc<Mutex<Option<StrictH1<T>>>>;
+/// Where a parked connection comes back when hyper drops it. The reader
+/// is boxed, so the slot (alive for the connection's whole life) and the
+/// task that waits on a parked connection each keep a pointer, not a
+/// reader's worth of bytes (about 350).
+pub type ParkSlot<T> = Arc<Mutex<Option<Box<StrictH1<T>>>>>;
 
 /// The stream hyper owns: a [`StrictH1`] that, parked, goes back to its
 /// [`ParkSlot`] when hyper drops it, instead of closing.
 pub struct Parkable<T> {
-    io: Option<StrictH1<T>>,
+    io: Option<Box<StrictH1<T>>>,
     slot: ParkSlot<T>,
 }
 
 impl<T> Parkable<T> {
     /// Give `io` to hyper; parked, it comes back to `slot`.
-    pub fn new(io: StrictH1<T>, slot: ParkSlot<T>) -> Parkable<T> {
+    pub fn new(io: Box<StrictH1<T>>, slot: ParkSlot<T>) -> Parkable<T> {
         Parkable { io: Some(io), slot }
     }
 }
@@ -393,7 +397,7 @@ impl<T> Parkable<T> {
 impl<T: Unpin> Parkable<T> {
     fn io(&mut self) -> io::Result<Pin<&mut StrictH1<T>>> {
         match self.io.as_mut() {
-            Some(io) => Ok(Pin::new(io)),
+            Some(io) => Ok(Pin::new(&mut **io)),
             None => Err(io::ErrorKind::NotConnected.into()),
         }
     }
@@ -401,7 +405,7 @@ impl<T: Unpin> Parkable<T> {
 
 impl<T> Drop for Parkable<T> {
     fn drop(&mut self) {
-        if let Some(io) = self.io.take().filter(StrictH1::parked) {
+        if let Some(io) = self.io.take().filter(|io| io.parked()) {
             if let Ok(mut slot) = self.slot.lock() {
                 *slot = Some(io);
             }
