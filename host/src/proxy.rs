@@ -158,6 +158,9 @@ impl Proxy {
         let mut log = crate::access_log::begin(&req, &conn);
         // gRPC: its deadline, its failures as gRPC statuses (see `grpc`).
         let grpc = crate::grpc::GrpcCall::begin(&mut req);
+        // `[tracing]`: the request's span, carried on in its extensions
+        // (`None`, and nothing done, when tracing is off).
+        let trace = crate::telemetry::begin(&mut req, conn.client.ip());
         let snap = self.snapshot.load_full();
         let (mut resp, route) = self.journey(&snap, req, conn).await;
         if let Some(call) = &grpc {
@@ -171,6 +174,12 @@ impl Proxy {
         if let Some(m) = m {
             m.by_class[class].increment(1);
             m.latency.record(started.elapsed());
+            if let Some(t) = trace {
+                if let Some(entry) = log.as_mut() {
+                    entry.trace_id = Some(t.trace_id());
+                }
+                t.finish(&resp, &m.label);
+            }
             match (&grpc, log.take()) {
                 // A gRPC call is logged when it ends, with its status.
                 (Some(call), entry) => resp = call.watch(resp, m.label.clone(), entry),
@@ -305,7 +314,10 @@ impl Proxy {
                     upstream: &upstream.name,
                 };
                 let body_empty = http_body::Body::is_end_stream(&req_body);
-                match snap.cache.try_hit(&cr, &mut parts, body_empty) {
+                let span = crate::telemetry::cache_span(&parts.extensions);
+                let hit = snap.cache.try_hit(&cr, &mut parts, body_empty);
+                crate::telemetry::cache_done(span, hit.is_some());
+                match hit {
                     Some(hit) => {
                         from_store = true;
                         Ok(hit)
