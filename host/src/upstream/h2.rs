@@ -521,7 +521,17 @@ impl Body for Reader {
             };
         }
         let s = &mut *s;
-        match Pin::new(&mut s.source).poll_frame(cx) {
+        // Empty data frames are skipped: the client's empty END_STREAM
+        // frame comes out of hyper as one, and an HTTP/2 upstream counts
+        // empty non-final DATA frames as abuse (h2 answers a hundred of
+        // them on a connection with GOAWAY ENHANCE_YOUR_CALM).
+        let frame = loop {
+            match Pin::new(&mut s.source).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(|d| d.is_empty()) => {}
+                other => break other,
+            }
+        };
+        match frame {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 s.ended = true;
@@ -558,9 +568,21 @@ impl Body for Reader {
         }
     }
 
+    /// True once this reader has given everything and the client's body
+    /// is done, so that the last DATA frame carries END_STREAM (no empty
+    /// frame after it).
     fn is_end_stream(&self) -> bool {
         let s = self.shared.lock();
-        s.empty
+        if s.empty {
+            return true;
+        }
+        if s.generation != self.generation || self.next < s.kept.len() {
+            return false;
+        }
+        if s.ended {
+            return s.trailers.is_none() || self.trailers_sent;
+        }
+        s.source.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -603,6 +625,24 @@ mod tests {
         let third = r.reader().unwrap().collect().await.unwrap();
         assert_eq!(third.trailers().unwrap()["x-sum"], "7");
         assert_eq!(third.to_bytes(), "abcd");
+    }
+
+    #[tokio::test]
+    async fn empty_frames_are_skipped_and_the_end_is_known() {
+        let r = Replayable::new(frames(&["msg", "", ""], false));
+        let mut b = r.reader().unwrap();
+        let f = b.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "msg");
+        assert!(
+            b.frame().await.is_none(),
+            "the empty frames are not passed on"
+        );
+        assert!(b.is_end_stream());
+        let again = r.reader().unwrap();
+        assert!(
+            !again.is_end_stream(),
+            "a new reader has the kept bytes to give"
+        );
     }
 
     #[tokio::test]
