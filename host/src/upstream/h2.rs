@@ -586,7 +586,7 @@ impl Body for Reader {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.shared.lock().hint.clone()
+        self.shared.lock().hint
     }
 }
 
