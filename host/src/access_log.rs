@@ -134,6 +134,42 @@ impl Entry {
         }
     }
 
+    /// Format the line of a gRPC call once it has ended (its status known
+    /// from the trailers: `grpc=N` at the end of a common line,
+    /// `"grpc_status": N` in JSON; `-`/`null` when none came) and queue it.
+    pub fn finish_grpc(
+        self: Box<Self>,
+        status: u16,
+        route: &str,
+        upstream: Option<&str>,
+        grpc_status: Option<u32>,
+    ) {
+        let Some(log) = LOG.get() else { return };
+        let mut line = match log.format {
+            AccessLogFormat::Common => self.common(status, None, route, upstream),
+            AccessLogFormat::Json => self.json(status, None, route, upstream),
+        };
+        // Both formats end their line with a newline; JSON with `}` before it.
+        line.pop();
+        let code = grpc_status.map(|c| c.to_string());
+        match log.format {
+            AccessLogFormat::Common => {
+                line.push_str(" grpc=");
+                line.push_str(code.as_deref().unwrap_or("-"));
+            }
+            AccessLogFormat::Json => {
+                line.pop();
+                line.push_str(",\"grpc_status\":");
+                line.push_str(code.as_deref().unwrap_or("null"));
+                line.push('}');
+            }
+        }
+        line.push('\n');
+        if let Err(TrySendError::Full(_)) = log.tx.try_send(line) {
+            metrics::counter!("sluicegate_access_log_dropped_total").increment(1);
+        }
+    }
+
     fn ms(&self) -> f64 {
         self.started.elapsed().as_secs_f64() * 1e3
     }

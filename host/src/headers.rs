@@ -7,11 +7,13 @@ use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// `Trailer` is not one: it announces the message's own trailer fields
+/// (RFC 9110 §6.6.2), which pass end to end, and HTTP/1.1 needs it to send
+/// them. Of `TE`, the `trailers` token is kept (see [`remove_hop_by_hop`]).
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("proxy-connection"),
@@ -45,7 +47,9 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 /// Remove hop-by-hop headers: the fixed list, `Proxy-Authorization`, and
-/// every header named in `Connection`.
+/// every header named in `Connection`. A `TE` that names `trailers` becomes
+/// `TE: trailers` (the proxy passes trailers on, so it may say it accepts
+/// them for the one who asked; gRPC servers want it), its other codings go.
 ///
 /// Runs on every request and response (twice when filters ran), so the
 /// common case is one pass over the names present with no hashing: most
@@ -76,8 +80,21 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    let te_trailers = present[2]
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| {
+                let t = t.split(';').next().unwrap_or("").trim();
+                t.eq_ignore_ascii_case("trailers")
+            });
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if present[HOP_BY_HOP.len()] {
         headers.remove(header::PROXY_AUTHORIZATION);
@@ -92,12 +109,11 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
         "connection" => 0,
         "keep-alive" => 1,
         "te" => 2,
-        "trailer" => 3,
-        "transfer-encoding" => 4,
-        "upgrade" => 5,
-        "proxy-connection" => 6,
-        "proxy-authenticate" => 7,
-        "proxy-authorization" => 8,
+        "transfer-encoding" => 3,
+        "upgrade" => 4,
+        "proxy-connection" => 5,
+        "proxy-authenticate" => 6,
+        "proxy-authorization" => 7,
         _ => return None,
     })
 }
@@ -256,6 +272,21 @@ mod tests {
         );
         assert_eq!(hop_index(&header::HOST), None);
         assert_eq!(hop_index(&HeaderName::from_static("x-te")), None);
+        assert_eq!(hop_index(&header::TRAILER), None);
+    }
+
+    #[test]
+    fn te_keeps_only_trailers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip;q=0.5, Trailers"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h[header::TRAILER], "x-sum");
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        remove_hop_by_hop(&mut h);
+        assert!(h.is_empty());
     }
 
     #[test]

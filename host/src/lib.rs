@@ -18,6 +18,7 @@ pub mod config;
 pub mod demo;
 pub mod filter;
 pub mod fleet;
+pub mod grpc;
 pub mod headers;
 pub mod hist;
 pub mod protect;

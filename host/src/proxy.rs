@@ -156,11 +156,16 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let mut log = crate::access_log::begin(&req, &conn);
+        // gRPC: its deadline, its failures as gRPC statuses (see `grpc`).
+        let grpc = crate::grpc::GrpcCall::begin(&mut req);
         // `[tracing]`: the request's span, carried on in its extensions
         // (`None`, and nothing done, when tracing is off).
         let trace = crate::telemetry::begin(&mut req, conn.client.ip());
         let snap = self.snapshot.load_full();
-        let (resp, route) = self.journey(&snap, req, conn).await;
+        let (mut resp, route) = self.journey(&snap, req, conn).await;
+        if let Some(call) = &grpc {
+            resp = call.shape(resp, route.is_none());
+        }
         let status = resp.status().as_u16();
         let class = (status / 100).clamp(1, 5) as usize - 1;
         let m = route
@@ -175,8 +180,11 @@ impl Proxy {
                 }
                 t.finish(&resp, &m.label);
             }
-            if let Some(entry) = log {
-                entry.finish(&resp, &m.label);
+            match (&grpc, log.take()) {
+                // A gRPC call is logged when it ends, with its status.
+                (Some(call), entry) => resp = call.watch(resp, m.label.clone(), entry),
+                (None, Some(entry)) => entry.finish(&resp, &m.label),
+                (None, None) => {}
             }
         }
         crate::status::count_response(class);
@@ -242,6 +250,14 @@ impl Proxy {
             // Boxed: only filtered requests carry the chain's future.
             let (decision, n) = Box::pin(chain.on_request(&mut head, &exists)).await;
             ran = n;
+            let grpc = head
+                .parts
+                .extensions
+                .get::<crate::grpc::GrpcCall>()
+                .is_some();
+            if grpc && (chain.wants_request_body() || chain.wants_response_body(ran)) {
+                return (crate::grpc::body_phase_refused(&route.label), label);
+            }
             match decision {
                 RequestDecision::Respond(resp) => {
                     return (self.finish_opt(Some(chain), ran, head, resp).await, label)
@@ -588,7 +604,12 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 /// 502 or 504, with a log line giving the reason.
 pub(crate) fn error_response(upstream: &str, e: &ForwardError) -> Response<ProxyBody> {
     tracing::warn!(upstream, error = %e, "upstream request failed");
-    match e {
+    use crate::grpc::code;
+    let grpc = match e {
+        ForwardError::Timeout { .. } => code::DEADLINE_EXCEEDED,
+        _ => code::UNAVAILABLE,
+    };
+    let mut resp = match e {
         ForwardError::Timeout { .. } => {
             body::text_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out")
         }
@@ -601,7 +622,11 @@ pub(crate) fn error_response(upstream: &str, e: &ForwardError) -> Response<Proxy
         ForwardError::Overloaded { .. } => {
             body::text_response(StatusCode::SERVICE_UNAVAILABLE, "upstream overloaded")
         }
-    }
+    };
+    // For a gRPC call, the status this failure stands for.
+    resp.extensions_mut()
+        .insert(crate::grpc::ProxyFailure(grpc));
+    resp
 }
 
 /// After both sides switched protocols, copy bytes both ways until either

@@ -409,6 +409,14 @@ impl UpstreamTls {
         })
     }
 
+    /// The client config with ALPN `h2` alone, for `protocol = "h2"`
+    /// (made per connection: connections are few and long-lived).
+    pub fn h2_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
+
     /// A connector for this upstream: TCP with the proxy's settings, then
     /// TLS (HTTP/1.1) with this CA and name.
     pub fn connector(

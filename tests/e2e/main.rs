@@ -14,6 +14,7 @@ mod deploy;
 mod drain;
 mod filters;
 mod fleet;
+mod grpc;
 mod isolation;
 mod keepalive;
 mod languages;

@@ -115,8 +115,6 @@ async fn hop_by_hop_request_headers_are_removed() {
     for gone in [
         "x-secret",
         "keep-alive",
-        "te",
-        "trailer",
         "upgrade",
         "proxy-connection",
         "proxy-authorization",
@@ -130,6 +128,10 @@ async fn hop_by_hop_request_headers_are_removed() {
     }
     assert_only_own_connection_tokens(&echo.all("connection"));
     assert_eq!(echo.one("x-keep"), "end-to-end");
+    // Trailers pass end to end (issue 26): `TE: trailers` is kept as the
+    // proxy's own, and `Trailer` is not hop-by-hop (RFC 9110 §6.6.2).
+    assert_eq!(echo.one("te"), "trailers");
+    assert_eq!(echo.one("trailer"), "x-checksum");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +156,6 @@ async fn hop_by_hop_response_headers_are_removed() {
         "keep-alive",
         "proxy-authenticate",
         "proxy-connection",
-        "trailer",
         "upgrade",
     ] {
         assert!(
@@ -171,6 +172,8 @@ async fn hop_by_hop_response_headers_are_removed() {
         .collect();
     assert_only_own_connection_tokens(&conn.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(resp.header("x-resp-keep").as_deref(), Some("1"));
+    // `Trailer` announces the response's trailers: it passes.
+    assert_eq!(resp.header("trailer").as_deref(), Some("x-t"));
 }
 
 /// A `Connection` header may remain only with the hop's own tokens.

@@ -3,7 +3,8 @@
 //! each upstream with `[upstream.health] path`, sends a plain HTTP/1.1
 //! `GET` to every endpoint each `interval_ms`. A `2xx` within `timeout_ms`
 //! passes; `healthy_threshold` passes in a row mark an endpoint healthy,
-//! `unhealthy_threshold` failures in a row unhealthy.
+//! `unhealthy_threshold` failures in a row unhealthy. With `check = "grpc"`
+//! the check is the gRPC health protocol instead (see [`super::grpc_health`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,15 +29,15 @@ pub async fn run(snapshot: Arc<ArcSwap<Snapshot>>) {
         let now = Instant::now();
         due.retain(|name, _| snap.upstreams.contains_key(name));
         for (name, up) in &snap.upstreams {
-            let Some(path) = up.health.path.clone() else {
+            if !up.health.active() {
                 continue;
-            };
+            }
             let next = due.entry(name.clone()).or_insert(now);
             if *next > now {
                 continue;
             }
             *next = now + Duration::from_millis(up.health.interval_ms);
-            check_upstream(up.clone(), path);
+            check_upstream(up.clone());
         }
         let wake = due.values().min().copied().unwrap_or(now + RESCAN);
         tokio::time::sleep_until(wake.min(now + RESCAN)).await;
@@ -44,7 +45,35 @@ pub async fn run(snapshot: Arc<ArcSwap<Snapshot>>) {
 }
 
 /// Check every endpoint of `up` concurrently, in the background.
-fn check_upstream(up: Arc<Upstream>, path: String) {
+fn check_upstream(up: Arc<Upstream>) {
+    if up.health.check == crate::config::HealthCheckKind::Grpc {
+        for i in 0..up.endpoints.len() {
+            let up = up.clone();
+            tokio::spawn(async move {
+                let Some(ep) = up.endpoint(i) else { return };
+                let h = &up.health;
+                let timeout = Duration::from_millis(h.timeout_ms);
+                let checked = tokio::time::timeout(
+                    timeout,
+                    super::grpc_health::probe(&up, ep, &h.grpc_service, timeout),
+                )
+                .await;
+                let ok = match checked {
+                    Ok(Ok(())) => true,
+                    Ok(Err(why)) => {
+                        tracing::debug!(upstream = %up.name, endpoint = %ep.addr, why, "gRPC health check failed");
+                        false
+                    }
+                    Err(_) => false,
+                };
+                apply(&ep.state, ok, h, &up.name, &ep.addr);
+            });
+        }
+        return;
+    }
+    let Some(path) = up.health.path.clone() else {
+        return;
+    };
     for ep in up.endpoints.as_slice() {
         let (addr, state, path) = (ep.addr.clone(), ep.state.clone(), path.clone());
         let (up, h) = (up.name.clone(), up.health.clone());

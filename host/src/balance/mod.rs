@@ -11,6 +11,7 @@
 
 pub mod algorithms;
 pub mod dns;
+pub mod grpc_health;
 pub mod health;
 pub mod limits;
 
@@ -301,6 +302,10 @@ pub struct Upstream {
     pub retry_budget: Arc<RetryBudget>,
     /// `[upstream.tls]`: endpoints speak TLS.
     pub tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// `protocol`: HTTP/1.1, or HTTP/2 (`h2` over TLS, `h2c`).
+    pub protocol: crate::config::Protocol,
+    /// `[upstream.http2]`.
+    pub http2: crate::config::Http2Config,
     /// Time to the upstream's response head, every attempt.
     pub latency: std::sync::Arc<crate::hist::Histogram>,
     selector: Box<dyn Selector>,
@@ -368,6 +373,8 @@ impl Upstream {
         };
         Ok(Upstream {
             tls,
+            protocol: config.protocol,
+            http2: config.http2.clone(),
             latency: crate::hist::histogram(
                 "sluicegate_upstream_response_seconds",
                 "upstream",

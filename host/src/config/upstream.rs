@@ -34,6 +34,82 @@ pub struct UpstreamConfig {
     /// `[upstream.retry_budget]`: the share of active requests that may be retries.
     #[serde(default)]
     pub retry_budget: RetryBudgetConfig,
+    /// `http1` (default), `h2` (HTTP/2 over TLS, ALPN `h2`) or `h2c`
+    /// (HTTP/2 over plain TCP, prior knowledge). gRPC needs `h2` or `h2c`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// `[upstream.http2]`: connections and streams per endpoint (`h2`/`h2c`).
+    #[serde(default)]
+    pub http2: Http2Config,
+}
+
+/// The protocol spoken to an upstream's endpoints.
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 (over TLS when `[upstream.tls]` is set).
+    #[default]
+    #[serde(rename = "http1")]
+    Http1,
+    /// HTTP/2 over TLS, negotiated by ALPN (`[upstream.tls]` required).
+    #[serde(rename = "h2")]
+    H2,
+    /// HTTP/2 over plain TCP with prior knowledge (no `[upstream.tls]`).
+    #[serde(rename = "h2c")]
+    H2c,
+}
+
+impl Protocol {
+    /// HTTP/2 (`h2` or `h2c`)?
+    pub fn is_http2(self) -> bool {
+        !matches!(self, Protocol::Http1)
+    }
+
+    /// The name used in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2 => "h2",
+            Protocol::H2c => "h2c",
+        }
+    }
+}
+
+/// `[upstream.http2]`: how an HTTP/2 upstream's connections are shared.
+/// Streams are multiplexed on a connection until it carries
+/// `max_concurrent_streams` (or the lower limit the endpoint announced in
+/// its SETTINGS); then another is opened, up to
+/// `max_connections_per_endpoint` per endpoint, process-wide.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Config {
+    /// Connections to one endpoint at most (1..=64).
+    pub max_connections_per_endpoint: usize,
+    /// Streams on one connection before another one is opened (1..).
+    pub max_concurrent_streams: u32,
+    /// Send a PING on a connection idle this long, close it if no answer
+    /// within as long again (0: off).
+    pub keepalive_ms: u64,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Http2Config {
+            max_connections_per_endpoint: 4,
+            max_concurrent_streams: 100,
+            keepalive_ms: 0,
+        }
+    }
+}
+
+/// `[upstream.health] check`: what an active health check sends.
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// `GET path` over HTTP/1.1; a `2xx` passes.
+    #[default]
+    Http,
+    /// `grpc.health.v1.Health/Check` for `grpc_service` over HTTP/2; `SERVING` passes.
+    Grpc,
 }
 
 /// `[upstream.limits]`: a circuit breaker per upstream (as Envoy's
@@ -196,6 +272,18 @@ pub struct HealthConfig {
     pub healthy_threshold: u32,
     /// Consecutive failing checks that mark an endpoint unhealthy.
     pub unhealthy_threshold: u32,
+    /// `http` (default: `GET path`) or `grpc` (the gRPC health protocol;
+    /// active checks run without a `path`). `grpc` needs `protocol = "h2"` or `"h2c"`.
+    pub check: HealthCheckKind,
+    /// `check = "grpc"`: the service name asked about (`""`: the whole server).
+    pub grpc_service: String,
+}
+
+impl HealthConfig {
+    /// Are active checks configured (an HTTP `path`, or `check = "grpc"`)?
+    pub fn active(&self) -> bool {
+        self.path.is_some() || self.check == HealthCheckKind::Grpc
+    }
 }
 
 impl Default for HealthConfig {
@@ -209,6 +297,8 @@ impl Default for HealthConfig {
             timeout_ms: 1_000,
             healthy_threshold: 2,
             unhealthy_threshold: 3,
+            check: HealthCheckKind::Http,
+            grpc_service: String::new(),
         }
     }
 }
@@ -314,6 +404,8 @@ impl Validator<'_> {
                 let reason = format!("{path:?} must start with '/'");
                 return self.error(span, key("path"), reason);
             }
+        }
+        if h.active() {
             if h.interval_ms == 0 || h.timeout_ms == 0 {
                 let reason = "interval_ms and timeout_ms must be > 0".to_string();
                 return self.error(span, key("interval_ms"), reason);
@@ -344,6 +436,43 @@ impl Validator<'_> {
         if !(0.0..=100.0).contains(&b.percent) {
             let reason = format!("{} is not a share between 0 and 100", b.percent);
             return self.error(span, format!("upstream[{i}].retry_budget.percent"), reason);
+        }
+        self.validate_protocol(i, up)
+    }
+
+    /// `protocol`, `[upstream.http2]` and `health.check = "grpc"`.
+    fn validate_protocol(&self, i: usize, up: &UpstreamConfig) -> Result<(), ConfigError> {
+        let span = up.name.span();
+        let name = up.name.get_ref();
+        let key = |k: &str| format!("upstream[{i}].{k}");
+        match (up.protocol, up.tls.is_some()) {
+            (Protocol::H2, false) => {
+                let reason = format!(
+                    "upstream {name:?}: protocol \"h2\" is HTTP/2 over TLS and needs [upstream.tls] (use \"h2c\" for plain TCP)"
+                );
+                return self.error(span, key("protocol"), reason);
+            }
+            (Protocol::H2c, true) => {
+                let reason = format!(
+                    "upstream {name:?}: protocol \"h2c\" is HTTP/2 over plain TCP; with [upstream.tls] use \"h2\""
+                );
+                return self.error(span, key("protocol"), reason);
+            }
+            _ => {}
+        }
+        let h2 = &up.http2;
+        if !(1..=64).contains(&h2.max_connections_per_endpoint) {
+            let reason = "between 1 and 64".to_string();
+            return self.error(span, key("http2.max_connections_per_endpoint"), reason);
+        }
+        if h2.max_concurrent_streams == 0 {
+            let reason = "must be >= 1".to_string();
+            return self.error(span, key("http2.max_concurrent_streams"), reason);
+        }
+        if up.health.check == HealthCheckKind::Grpc && !up.protocol.is_http2() {
+            let reason =
+                format!("upstream {name:?}: check = \"grpc\" needs protocol = \"h2\" or \"h2c\"");
+            return self.error(span, key("health.check"), reason);
         }
         Ok(())
     }

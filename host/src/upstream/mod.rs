@@ -5,8 +5,10 @@
 //! Plain-HTTP requests go through this worker's own keep-alive [`pool`],
 //! whose connections are driven by the request that uses them. TLS
 //! upstreams and upgrade (WebSocket) requests go through hyper-util's
-//! pooled client.
+//! pooled client. HTTP/2 upstreams (`protocol = "h2"` or `"h2c"`) go
+//! through the process-wide multiplexed [`h2`] pool.
 
+pub mod h2;
 mod pool;
 
 use std::pin::Pin;
@@ -164,16 +166,29 @@ impl UpstreamClient {
             None => None,
         };
         let mut _ticket = None;
+        // gRPC: `grpc-timeout` is the deadline for the response head too.
+        let response_timeout = req
+            .extensions()
+            .get::<crate::grpc::GrpcCall>()
+            .and_then(crate::grpc::GrpcCall::remaining)
+            .unwrap_or(self.response_timeout);
+        let http2 = upstream.protocol.is_http2();
         // The inline pool for plain HTTP; an upgrade needs hyper-util's
         // client, which hands the connection over to the tunnel.
-        let inline = upstream.tls.is_none() && !req.headers().contains_key(header::UPGRADE);
+        let inline =
+            !http2 && upstream.tls.is_none() && !req.headers().contains_key(header::UPGRADE);
         // Each attempt goes to an endpoint not tried yet: with one endpoint
         // there is no retry, and no copy of the head to keep for one.
         let others = upstream.endpoints.len().saturating_sub(1);
         let attempts = 1 + upstream.retries.min(MAX_RETRIES).min(others);
         let mut tried = [0usize; MAX_RETRIES + 1];
         let (parts, body) = req.into_parts();
-        let mut body = Some(body);
+        // HTTP/2: the body is kept (while small) so that a stream the
+        // upstream refused, or a failed connect, can be sent again.
+        let (mut body, replay) = match http2 {
+            true => (None, Some(h2::Replayable::new(body))),
+            false => (Some(body), None),
+        };
         let mut parts = Some(parts);
         let mut last: Option<Result<Response<ProxyBody>, ForwardError>> = None;
         for attempt in 0..attempts {
@@ -184,7 +199,7 @@ impl UpstreamClient {
             let (Some(endpoint), Some(guard)) = (upstream.endpoint(i), upstream.begin(i)) else {
                 break;
             };
-            let may_retry = replayable && attempt + 1 < attempts;
+            let may_retry = (replayable || replay.is_some()) && attempt + 1 < attempts;
             // Keep a copy of the head only while another attempt may follow.
             let this = match (may_retry, parts.as_ref()) {
                 (true, Some(p)) => p.clone(),
@@ -193,17 +208,45 @@ impl UpstreamClient {
                     None => break,
                 },
             };
-            let mut req = Request::from_parts(this, body.take().unwrap_or_else(body::empty));
+            let this_body = match &replay {
+                Some(r) => match r.reader() {
+                    Some(b) => b,
+                    // Too much of the body went to the last attempt.
+                    None => break,
+                },
+                None => body.take().unwrap_or_else(body::empty),
+            };
+            let mut req = Request::from_parts(this, this_body);
             // `[tracing]`: this attempt's span, named upstream in `traceparent`.
             let span =
                 crate::telemetry::attempt_span(&mut req, &upstream.name, &endpoint.addr, attempt);
             let started = Instant::now();
             let sent = async {
+                if let Some(replay) = &replay {
+                    let scheme = if upstream.tls.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    h2_head(&mut req, scheme, &endpoint.authority);
+                    let target = h2::Target {
+                        addr: &endpoint.addr,
+                        host: endpoint.authority.host(),
+                        tls: upstream.tls.as_ref(),
+                        settings: &upstream.http2,
+                        connect_timeout: self.connect_timeout,
+                    };
+                    // Boxed: the pool's future is large, and only HTTP/2
+                    // requests should carry it.
+                    let sent = Box::pin(h2::H2Pool::global().send(&target, req, replay));
+                    let (resp, stream) = sent.await?;
+                    return Ok((resp, None, Some(stream)));
+                }
                 if inline {
                     *req.uri_mut() = origin_form(req.uri());
                     let (resp, conn) = self.pool.send(&endpoint.addr, req).await?;
                     let lease = pool::Lease::new(conn, self.pool.clone(), endpoint.addr.clone());
-                    return Ok((resp, Some(lease)));
+                    return Ok((resp, Some(lease), None));
                 }
                 let scheme = if upstream.tls.is_some() {
                     "https"
@@ -216,7 +259,7 @@ impl UpstreamClient {
                     None => self.client.request(req).await,
                 };
                 match sent {
-                    Ok(resp) => Ok((resp, None)),
+                    Ok(resp) => Ok((resp, None, None)),
                     Err(e) if e.is_connect() => Err(Failed::Connect(error_chain(&e))),
                     Err(e) => Err(Failed::Broken(error_chain(&e))),
                 }
@@ -224,11 +267,11 @@ impl UpstreamClient {
             // Pinned in place: `timeout` then holds a reference, and the
             // attempt's future is not copied into it.
             let sent = std::pin::pin!(sent);
-            let result = tokio::time::timeout(self.response_timeout, sent).await;
+            let result = tokio::time::timeout(response_timeout, sent).await;
             let rtt = started.elapsed();
             upstream.latency.record(rtt);
             let failure = match result {
-                Ok(Ok((resp, lease))) => {
+                Ok(Ok((resp, lease, stream))) => {
                     let status = resp.status();
                     upstream.record(i, Some(status), rtt);
                     let again = matches!(status.as_u16(), 502..=504) && idempotent && may_retry;
@@ -238,6 +281,7 @@ impl UpstreamClient {
                         body::boxed(Tracked {
                             inner: b,
                             lease,
+                            _stream: stream,
                             _guard: guard,
                             _slot: if ticket.is_none() { slot.take() } else { None },
                         })
@@ -258,6 +302,14 @@ impl UpstreamClient {
                     };
                     (err, may_retry)
                 }
+                Ok(Err(Failed::Refused(reason))) => {
+                    tracing::info!(upstream = %upstream.name, endpoint = %endpoint.addr, error = %reason, "upstream refused the stream");
+                    let err = ForwardError::Connect {
+                        endpoint: endpoint.addr.to_string(),
+                        reason: format!("stream refused: {reason}"),
+                    };
+                    (err, may_retry)
+                }
                 Ok(Err(Failed::Broken(reason))) => {
                     let err = ForwardError::Broken {
                         endpoint: endpoint.addr.to_string(),
@@ -268,7 +320,7 @@ impl UpstreamClient {
                 Err(_) => {
                     let err = ForwardError::Timeout {
                         endpoint: endpoint.addr.to_string(),
-                        ms: self.response_timeout.as_millis() as u64,
+                        ms: response_timeout.as_millis() as u64,
                     };
                     (err, false)
                 }
@@ -302,6 +354,9 @@ enum Failed {
     Connect(String),
     /// The connection broke or the response was malformed.
     Broken(String),
+    /// HTTP/2: the upstream refused the stream and never processed it
+    /// (as safe to retry elsewhere as a failed connect).
+    Refused(String),
 }
 
 /// A retry, if the upstream's retry budget allows one now.
@@ -324,6 +379,8 @@ struct Tracked {
     // Dropped before the lease: hyper then sees the body's reader gone.
     inner: Incoming,
     lease: Option<pool::Lease>,
+    /// HTTP/2: the stream's place on its connection.
+    _stream: Option<h2::StreamGuard>,
     _guard: InFlight,
     _slot: Option<Slot>,
 }
@@ -397,6 +454,22 @@ fn endpoint_uri(scheme: &str, authority: &http::uri::Authority, original: &Uri) 
         .path_and_query(pq)
         .build()
         .unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// An HTTP/2 request head: `:authority` is the client's `Host` (else the
+/// endpoint), which leaves the fields; a gRPC call says it takes trailers.
+fn h2_head(req: &mut Request<ProxyBody>, scheme: &str, endpoint: &http::uri::Authority) {
+    let authority = req
+        .headers_mut()
+        .remove(header::HOST)
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| endpoint.clone());
+    *req.uri_mut() = endpoint_uri(scheme, &authority, req.uri());
+    *req.version_mut() = http::Version::HTTP_2;
+    if crate::grpc::is_grpc(req.headers()) {
+        req.headers_mut()
+            .insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
 }
 
 /// The path and query of `uri` alone (what goes on an HTTP/1.1 request
