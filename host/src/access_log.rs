@@ -85,6 +85,7 @@ pub struct Entry {
     host: Option<HeaderValue>,
     referer: Option<HeaderValue>,
     agent: Option<HeaderValue>,
+    request_id: Option<HeaderValue>,
 }
 
 /// Is there an access log?
@@ -109,6 +110,7 @@ pub fn begin<B>(req: &Request<B>, conn: &ConnInfo) -> Option<Box<Entry>> {
         host: h.get(http::header::HOST).cloned(),
         referer: h.get(http::header::REFERER).cloned(),
         agent: h.get(http::header::USER_AGENT).cloned(),
+        request_id: h.get(crate::filter::exchange::X_REQUEST_ID).cloned(),
     }))
 }
 
@@ -136,7 +138,7 @@ impl Entry {
     }
 
     /// `client - - [10/Oct/2000:13:55:36 +0000] "GET /x HTTP/1.1" 200 2326
-    /// "referer" "agent" route=R upstream=U ms=1.234`.
+    /// "referer" "agent" route=R upstream=U ms=1.234 rid=ID`.
     fn common(
         &self,
         status: u16,
@@ -146,7 +148,7 @@ impl Entry {
     ) -> String {
         let bytes = bytes.map_or("-".to_string(), |b| b.to_string());
         format!(
-            "{} - - [{}] \"{} {} {:?}\" {status} {bytes} \"{}\" \"{}\" route={} upstream={} ms={:.3}\n",
+            "{} - - [{}] \"{} {} {:?}\" {status} {bytes} \"{}\" \"{}\" route={} upstream={} ms={:.3} rid={}\n",
             self.client.ip(),
             clf_time(self.time),
             self.method,
@@ -157,6 +159,9 @@ impl Entry {
             quoted(route.as_bytes()),
             upstream.unwrap_or("-"),
             self.ms(),
+            self.request_id
+                .as_ref()
+                .map_or("-".to_string(), |v| quoted(v.as_bytes())),
         )
     }
 
@@ -179,6 +184,7 @@ impl Entry {
             "upstream": upstream,
             "referer": text(&self.referer),
             "user_agent": text(&self.agent),
+            "request_id": text(&self.request_id),
         })
         .to_string();
         line.push('\n');

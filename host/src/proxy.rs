@@ -31,6 +31,8 @@ use crate::cache::{CacheRequest, HttpCache, Origin, OriginFuture};
 use crate::config::CacheRule;
 use crate::config::Config;
 use crate::filter::chain::{Chain, RequestDecision};
+use crate::filter::exchange::{self, Exchange, SharedExchange, TlsInfo};
+use crate::filter::stream::{ChunkBody, LocalSlot};
 use crate::filter::host_api::{RequestHead, ResponseHead};
 use crate::filter::FilterRuntime;
 use crate::headers;
@@ -128,13 +130,16 @@ impl Snapshot {
 }
 
 /// How the client reached us.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client's address.
     pub client: SocketAddr,
     /// `http` or `https`.
     pub scheme: &'static str,
+    /// SNI and ALPN, set once the TLS handshake is done (TLS listeners).
+    pub tls: Option<Arc<std::sync::OnceLock<TlsInfo>>>,
 }
+
 
 /// The proxy as one worker thread sees it: the shared live snapshot and
 /// filter runtime, and the worker's own upstream connection pool.
@@ -155,9 +160,13 @@ impl Proxy {
         conn: ConnInfo,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
+        let mut req = req;
+        // Kept from the client when valid, else made; it goes upstream and
+        // into the access log.
+        let request_id = exchange::ensure_request_id(req.headers_mut());
         let log = crate::access_log::begin(&req, &conn);
         let snap = self.snapshot.load_full();
-        let (resp, route) = self.journey(&snap, req, conn).await;
+        let (resp, route) = self.journey(&snap, req, conn, request_id).await;
         let status = resp.status().as_u16();
         let class = (status / 100).clamp(1, 5) as usize - 1;
         let m = route
@@ -179,6 +188,7 @@ impl Proxy {
         snap: &Snapshot,
         mut req: Request<Incoming>,
         conn: ConnInfo,
+        request_id: HeaderValue,
     ) -> (Response<ProxyBody>, Option<usize>) {
         let host = request_host(&req);
         let Some(route) = snap.routes.find(host, req.uri().path()) else {
@@ -228,36 +238,88 @@ impl Proxy {
         let mut target = route.upstream.clone();
         let (limited, verdict) = LimitedBody::new(incoming, limit);
         let mut req_body = body::boxed(limited);
+        // A 0.2 filter on the route: the request gets its exchange.
+        let ex: Option<SharedExchange> = match &chain {
+            Some(c) if c.has_v2() => Some(
+                Exchange::new(
+                    request_id,
+                    route.label.clone(),
+                    target.clone(),
+                    version,
+                    conn.client,
+                    conn.tls.as_ref().and_then(|t| t.get().cloned()),
+                    Instant::now(),
+                )
+                .shared(),
+            ),
+            _ => None,
+        };
+        let mut slot: Option<LocalSlot> = None;
+        let mut bytes_in = None;
         if let Some(chain) = &chain {
             let exists = |name: &str| snap.upstreams.contains_key(name);
             // Boxed: only filtered requests carry the chain's future.
-            let (decision, n) = Box::pin(chain.on_request(&mut head, &exists)).await;
+            let (decision, n) = Box::pin(chain.on_request(&mut head, &exists, ex.as_ref())).await;
             ran = n;
             match decision {
                 RequestDecision::Respond(resp) => {
-                    return (self.finish_opt(Some(chain), ran, head, resp).await, label)
+                    return (
+                        self.finish_opt(Some(chain), ran, head, resp, ex.as_ref(), None)
+                            .await,
+                        label,
+                    )
                 }
                 RequestDecision::Forward {
                     upstream: Some(name),
-                } => target = Arc::from(name.as_str()),
+                } => {
+                    target = Arc::from(name.as_str());
+                    if let Some(ex) = &ex {
+                        ex.lock().upstream = target.clone();
+                    }
+                }
                 RequestDecision::Forward { upstream: None } => {}
             }
             if chain.wants_request_body() {
                 // Boxed, as the request phase: the body phases' futures
                 // are only carried by the requests that have them.
-                match Box::pin(self.filter_request_body(chain, &mut head, req_body)).await {
+                match Box::pin(self.filter_request_body(chain, &mut head, req_body, ex.as_ref()))
+                    .await
+                {
                     Ok(b) => req_body = b,
                     Err(resp) => {
-                        return (self.finish_opt(Some(chain), ran, head, resp).await, label)
+                        return (
+                            self.finish_opt(Some(chain), ran, head, resp, ex.as_ref(), None)
+                                .await,
+                            label,
+                        )
                     }
                 }
+            }
+            if let Some(ex) = &ex {
+                let filters = chain.request_chunk_filters();
+                if !filters.is_empty() {
+                    // The filters may change the length: what goes upstream
+                    // is framed by the body alone (chunked).
+                    head.parts.headers.remove(header::CONTENT_LENGTH);
+                    let s = LocalSlot::default();
+                    let streamed = ChunkBody::request(req_body, filters.into(), ex.clone(), s.clone());
+                    req_body = body::boxed(streamed);
+                    slot = Some(s);
+                }
+                if !chain.log_filters(ran).is_empty() {
+                    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                    req_body = body::boxed(crate::filter::stream::Counted::new(req_body, counter.clone()));
+                    bytes_in = Some(counter);
+                }
+                head.parts.extensions.insert(crate::upstream::WantAnswer);
             }
         }
 
         let Some(upstream) = snap.upstreams.get(&target) else {
             let resp = body::text_response(StatusCode::BAD_GATEWAY, "upstream not configured");
             return (
-                self.finish_opt(chain.as_ref(), ran, head, resp).await,
+                self.finish_opt(chain.as_ref(), ran, head, resp, ex.as_ref(), bytes_in)
+                    .await,
                 label,
             );
         };
@@ -343,13 +405,19 @@ impl Proxy {
             }
             (Err(e), _) => error_response(&upstream.name, &e),
         };
-        let mut resp = resp;
+        // A request-chunk filter that answered locally stopped the upload:
+        // its answer replaces whatever the upstream said.
+        let mut resp = match slot.and_then(|s| s.lock().take()) {
+            Some(local) => local,
+            None => resp,
+        };
         if crate::access_log::enabled() {
             let name = crate::access_log::UpstreamName(upstream.name.clone());
             resp.extensions_mut().insert(name);
         }
         (
-            self.finish_opt(chain.as_ref(), ran, head, resp).await,
+            self.finish_opt(chain.as_ref(), ran, head, resp, ex.as_ref(), bytes_in)
+                .await,
             label,
         )
     }
@@ -412,12 +480,13 @@ impl Proxy {
         chain: &Chain,
         head: &mut RequestHead,
         body: ProxyBody,
+        ex: Option<&SharedExchange>,
     ) -> Result<ProxyBody, Response<ProxyBody>> {
         let limit = chain.max_body_bytes;
         let bytes = collect_limited(body, limit).await.map_err(|status| {
             body::text_response(status, "request body too large for the filter")
         })?;
-        let bytes = chain.on_request_body(head, bytes).await?;
+        let bytes = chain.on_request_body(head, bytes, ex).await?;
         set_length(&mut head.parts.headers, bytes.len());
         Ok(body::full(bytes))
     }
@@ -431,9 +500,13 @@ impl Proxy {
         ran: usize,
         head: RequestHead,
         resp: Response<ProxyBody>,
+        ex: Option<&'a SharedExchange>,
+        bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
         match chain {
-            Some(c) if ran > 0 => Either::Left(Box::pin(self.finish(c, ran, head, resp))),
+            Some(c) if ran > 0 => {
+                Either::Left(Box::pin(self.finish(c, ran, head, resp, ex, bytes_in)))
+            }
             _ => Either::Right(std::future::ready(resp)),
         }
     }
@@ -446,10 +519,18 @@ impl Proxy {
         ran: usize,
         mut req: RequestHead,
         resp: Response<ProxyBody>,
+        ex: Option<&SharedExchange>,
+        bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
     ) -> Response<ProxyBody> {
         let (parts, mut body) = resp.into_parts();
         let mut head = ResponseHead { parts };
-        if let Some(replaced) = chain.on_response(ran, &mut req, &mut head).await {
+        if let Some(ex) = ex {
+            let mut ex = ex.lock();
+            ex.answer = Some(crate::upstream::answer_of(&head.parts));
+            // Deferred edits first: the response phases see them.
+            ex.apply_deferred(&mut head.parts.headers);
+        }
+        if let Some(replaced) = chain.on_response(ran, &mut req, &mut head, ex).await {
             body = replaced;
         }
         if chain.wants_response_body(ran) {
@@ -464,10 +545,35 @@ impl Proxy {
                 }
             };
             let bytes = chain
-                .on_response_body(ran, &mut req, &mut head, bytes)
+                .on_response_body(ran, &mut req, &mut head, bytes, ex)
                 .await;
             set_length(&mut head.parts.headers, bytes.len());
             body = body::full(bytes);
+        }
+        if let Some(ex) = ex {
+            let filters = chain.response_chunk_filters(ran);
+            if !filters.is_empty() {
+                head.parts.headers.remove(header::CONTENT_LENGTH);
+                match ChunkBody::response(body, filters.into(), ex.clone()).prime().await {
+                    Ok(streamed) => body = body::boxed(streamed),
+                    Err(local) => {
+                        let (parts, b) = local.into_parts();
+                        head.parts = parts;
+                        body = b;
+                    }
+                }
+            }
+            let logs = chain.log_filters(ran);
+            if !logs.is_empty() {
+                let status = head.parts.status.as_u16();
+                body = body::boxed(crate::filter::stream::LogBody::new(
+                    body,
+                    logs,
+                    ex.clone(),
+                    status,
+                    bytes_in,
+                ));
+            }
         }
         protect::normalise_response_framing(&mut head.parts.headers, &body);
         Response::from_parts(head.parts, body)
@@ -622,6 +728,9 @@ mod tests {
     fn size4<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: F) -> usize {
         std::mem::size_of::<R>()
     }
+    fn size5<F: FnOnce(A, B, C, D, E) -> R, A, B, C, D, E, R>(_: F) -> usize {
+        std::mem::size_of::<R>()
+    }
 
     /// Every request's future is built on the stack and copied as it is
     /// awaited at each level (and once more to the heap by the server), so
@@ -630,7 +739,7 @@ mod tests {
     #[test]
     fn the_request_future_stays_small() {
         let handle = size3(Proxy::handle);
-        let journey = size4(Proxy::journey);
+        let journey = size5(Proxy::journey);
         let forward = size4(UpstreamClient::forward);
         eprintln!("future sizes: handle {handle}, journey {journey}, forward {forward}");
         // 6,200 bytes before the rare paths were boxed.
