@@ -163,25 +163,26 @@ class Processes:
 
     def stop_all(self) -> None:
         procs, self.procs = self.procs, []
+        self.stop(procs, grace=5)
+
+    def stop(self, procs: list[Proc], grace: float) -> None:
+        """SIGTERM each process group, wait up to `grace` seconds for all of them, then SIGKILL
+        what is left. `procs` are forgotten (stop_all passes every one; callgrind_peers one
+        target's, whose valgrind needs a long grace to write its dump)."""
+        self.procs = [p for p in self.procs if p not in procs]
         for p in procs:
-            for sig in (signal.SIGTERM,):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)  # every one leads its own session/process group
+            except ProcessLookupError:
+                pass
+            except PermissionError:
                 try:
-                    os.killpg(p.pid, sig)  # every one leads its own session/process group
+                    os.kill(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-                except PermissionError:
-                    try:
-                        os.kill(p.pid, sig)
-                    except ProcessLookupError:
-                        pass
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + grace
         for p in procs:
-            while time.monotonic() < deadline:
-                if p.popen is not None:
-                    if p.popen.poll() is not None:
-                        break
-                elif not pid_alive(p.pid):
-                    break
+            while self.alive(p) and time.monotonic() < deadline:
                 time.sleep(0.05)
             try:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -194,10 +195,11 @@ class Processes:
                     pass
         if procs:
             log(f"stopped {len(procs)} processes")
-        try:
-            self.pidfile.write_text("")
-        except OSError:
-            pass
+        if not self.procs:
+            try:
+                self.pidfile.write_text("")
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +461,49 @@ static_resources:
 """
 
 
+PINGORA_DIR = BENCH / "pingora-peer"
+PINGORA_TARGET = ROOT / "target" / "pingora"
+PINGORA_BIN = PINGORA_TARGET / "release" / "bench-pingora-peer"
+
+
+def ensure_pingora(exe: Path = PINGORA_BIN, build: bool = False) -> Path:
+    """The Pingora peer (bench/pingora-peer: a minimal `ProxyHttp`, default keep-alive upstream pool,
+    one worker thread), built on demand in its own workspace and target dir (target/pingora). Its
+    zlib-ng dependency needs cmake (Debian `cmake`). The first build takes a few minutes; it runs
+    niced with one job, so it does not starve a host build on the same cores."""
+    exe = Path(exe)
+    if exe.is_file() and not build:
+        return exe
+    if exe != PINGORA_BIN:
+        raise BenchError(f"{exe} missing (only the default path {PINGORA_BIN} is built on demand)")
+    if not shutil.which("cmake"):
+        raise BenchError("the Pingora peer needs cmake to build (zlib-ng): apt-get install cmake")
+    log(f"building the Pingora peer ({PINGORA_DIR}, --target-dir {PINGORA_TARGET})")
+    env = dict(os.environ, CARGO_BUILD_JOBS=os.environ.get("CARGO_BUILD_JOBS", "1"))
+    p = subprocess.run(["nice", "-n", "10", "cargo", "build", "--release", "--manifest-path",
+                        str(PINGORA_DIR / "Cargo.toml"), "--target-dir", str(PINGORA_TARGET)], env=env)
+    if p.returncode != 0 or not exe.is_file():
+        raise BenchError(f"building the Pingora peer failed (cargo exit {p.returncode})")
+    return exe
+
+
+def pingora_version() -> str:
+    """The `pingora` crate version the peer was locked to (bench/pingora-peer/Cargo.lock)."""
+    try:
+        m = re.search(r'name = "pingora"\nversion = "([^"]+)"', (PINGORA_DIR / "Cargo.lock").read_text())
+    except OSError:
+        return "n/a"
+    return f"pingora {m.group(1)} (bench/pingora-peer)" if m else "n/a"
+
+
+def pingora_argv(exe: Path, port: int, backends: list[int]) -> list[str]:
+    """One worker thread (Pingora's default), every request to the first backend (the peer has no
+    load balancing: `--backends` > 1 is refused for it)."""
+    if len(backends) != 1:
+        raise BenchError("the Pingora peer proxies to one backend only (no --backends N)")
+    return [str(exe), str(port), str(backends[0]), "1"]
+
+
 def toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid TOML basic string for these values
 
@@ -679,8 +724,8 @@ class CpuWatch:
 # main
 
 
-ALL_KEYS = ["direct", "sluicegate", "sluicegate-filter", "sluicegate-3filters", "nginx", "haproxy", "envoy",
-            "envoy-wasm"]
+ALL_KEYS = ["direct", "sluicegate", "sluicegate-filter", "sluicegate-3filters", "nginx", "haproxy", "pingora",
+            "envoy", "envoy-wasm"]
 
 LABELS = {
     "direct": "direct (nginx backend)",
@@ -689,6 +734,7 @@ LABELS = {
     "sluicegate-3filters": "sluicegate + 3 filters",
     "nginx": "nginx",
     "haproxy": "haproxy",
+    "pingora": "pingora",
     "envoy": "envoy",
     "envoy-wasm": "envoy + proxy-wasm",
 }
@@ -712,6 +758,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, help="order shuffle seed (default: time-based, recorded)")
     ap.add_argument("--sluicegate", default=str(ROOT / "target/release/sluicegate"))
     ap.add_argument("--add-header-wasm", default=str(ROOT / "target/filters/add-header.wasm"))
+    ap.add_argument("--pingora", default=str(PINGORA_BIN),
+                    help="the Pingora peer's binary (bench/pingora-peer; built on demand at the default path)")
     ap.add_argument("--envoy", default=os.environ.get("ENVOY_BIN", "envoy"))
     ap.add_argument("--envoy-wasm", default=str(ROOT / "target/bench/wasm32-unknown-unknown/release/"
                                                        "bench_envoy_add_header.wasm"))
@@ -827,6 +875,11 @@ def main() -> int:
             cfg = d / "haproxy.cfg"
             cfg.write_text(haproxy_conf(port, backend_ports))
             t.procs.append(procs.spawn("haproxy", [haproxy, "-db", "-f", str(cfg)], d / "haproxy.log"))
+        elif key == "pingora":
+            exe = ensure_pingora(Path(args.pingora))
+            t.procs.append(procs.spawn("pingora", pingora_argv(exe, port, backend_ports), d / "pingora.log",
+                                       match="bench-pingora-peer"))
+            timeout = 30.0
         elif key in ("envoy", "envoy-wasm"):
             wasm = None
             if key == "envoy-wasm":
@@ -985,6 +1038,8 @@ def main() -> int:
         ("sluicegate / nginx, p99", "sluicegate", "nginx", "p99_ms", "lower is better"),
         ("sluicegate / haproxy, rps", "sluicegate", "haproxy", "rps", "higher is better"),
         ("sluicegate / haproxy, p99", "sluicegate", "haproxy", "p99_ms", "lower is better"),
+        ("sluicegate / pingora, rps", "sluicegate", "pingora", "rps", "higher is better"),
+        ("sluicegate / pingora, p99", "sluicegate", "pingora", "p99_ms", "lower is better"),
         ("sluicegate / envoy, rps", "sluicegate", "envoy", "rps", "higher is better"),
         ("sluicegate+filter / sluicegate, rps", "sluicegate-filter", "sluicegate", "rps",
          "filter cost; 1.0 = free"),
@@ -1024,6 +1079,7 @@ def main() -> int:
         "sluicegate_git": first_line(run_out(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])),
         "nginx": first_line(run_out([nginx, "-v"])),
         "haproxy": first_line(run_out([haproxy, "-v"])),
+        "pingora": pingora_version() if "pingora" in targets else "not run",
         "envoy": m.group(1) if m else first_line(envoy_v),
         "wrk": first_line(run_out(["wrk", "-v"])),
         "h2load": first_line(run_out(["h2load", "--version"])) if shutil.which("h2load") else "n/a",
@@ -1121,8 +1177,10 @@ def render_md(doc: dict) -> str:
              "checked before and after measuring: 200, the backend's body, and for the filtered ones "
              "`x-hello: world` on the response and `x-from: sluicegate` seen by the backend.\n")
     L.append("## Versions\n")
-    for k in ("sluicegate", "sluicegate_git", "nginx", "haproxy", "envoy", "wrk", "h2load", "rustc", "kernel"):
-        L.append(f"- {k}: `{v[k]}`")
+    for k in ("sluicegate", "sluicegate_git", "nginx", "haproxy", "pingora", "envoy", "wrk", "h2load", "rustc",
+              "kernel"):
+        if k in v:
+            L.append(f"- {k}: `{v[k]}`")
     L.append(f"- nproc: {meta['nproc']}; CPU busy before run: {meta['cpu_busy_before_pct']}%; "
              f"order seed: {meta['seed']}; runs measured again because of foreign load: "
              f"{meta['reruns_for_foreign_load']}")

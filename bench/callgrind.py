@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Count the instructions Sluicegate's worker spends per proxied request, with callgrind.
 
-    python3 bench/callgrind.py [--requests 10000] [--sluicegate PATH] [--cache | --filter]
+    python3 bench/callgrind.py [--requests 10000] [--sluicegate PATH] [--cache | --filter] [--tracing]
 
 Timings on two shared cores move by 10% between runs; instruction counts do not. This starts
 bench.py's nginx backend and Sluicegate (one worker, one route, no filters) under
@@ -13,6 +13,12 @@ not in it, and neither is the backend's. Needs `valgrind` (Debian) and `h2load`
 allocator reserves terabytes of address space, which valgrind refuses, so the proxy then runs with
 SLUICEGATE_WASM_ON_DEMAND set (the on-demand allocator; same limits, a profiling switch only).
 
+With --tracing, the proxy also has a `[tracing]` table (sampling_ratio 1.0, batch_delay_ms 200)
+exporting to a small OTLP/HTTP sink in this script (it answers 200 to every POST), so every
+request is traced and every span exported: the count then includes building the spans on the
+worker and encoding and sending them on the exporter's threads (callgrind counts every thread).
+Writes callgrind-tracing/ (or callgrind-filter-tracing/).
+
 With --cache, the backend and the proxy are cache_bench.py's (`cache = true`, `max-age=3600`) and
 the count is of cache hits. Writes bench/out/callgrind/ (callgrind-cache/ with --cache,
 callgrind-filter/ with --filter): callgrind.out (open it with callgrind_annotate or kcachegrind),
@@ -22,10 +28,12 @@ results.json and results.md (Ir per request, the top functions by self and by in
 from __future__ import annotations
 
 import argparse
+import http.server
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +64,29 @@ def total(data: Path) -> int:
     return int(m.group(1).replace(",", ""))
 
 
+class OtlpSink(http.server.BaseHTTPRequestHandler):
+    """Accepts OTLP/HTTP exports and counts them (bodies are read, not decoded)."""
+    exports = 0
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        OtlpSink.exports += 1
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def start_sink() -> int:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1]
+
+
 def h2load(url: str, n: int) -> dict:
     p = subprocess.run(["h2load", "--h1", "-n", str(n), "-c", "50", url], stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, timeout=900)
@@ -77,13 +108,16 @@ def main() -> int:
                     help="count requests through the add-header filter (bench.py's filtered config; the "
                          "proxy runs with SLUICEGATE_WASM_ON_DEMAND, as valgrind refuses the pooling allocator)")
     ap.add_argument("--add-header-wasm", default=str(S.ROOT / "target/filters/add-header.wasm"))
+    ap.add_argument("--tracing", action="store_true",
+                    help="trace every request (sampling_ratio 1.0) and export to an OTLP sink in this script")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.cache and args.filter:
         raise B.BenchError("--cache and --filter are separate scenarios")
     if args.out is None:
-        args.out = str(S.BENCH / "out" / ("callgrind-cache" if args.cache else
-                                          "callgrind-filter" if args.filter else "callgrind"))
+        args.out = str(S.BENCH / "out" / (("callgrind-cache" if args.cache else
+                                           "callgrind-filter" if args.filter else "callgrind")
+                                          + ("-tracing" if args.tracing else "")))
     for tool, pkg in (("valgrind", "valgrind"), ("callgrind_control", "valgrind"), ("h2load", "nghttp2-client")):
         if not shutil.which(tool):
             raise B.BenchError(f"{tool} not found: apt-get install {pkg}")
@@ -118,13 +152,11 @@ def main() -> int:
         S.start_backend(procs, work, backend)
         filter_dir = None
         if args.filter:
-            wasm = Path(args.add_header_wasm)
-            if not wasm.is_file():
-                raise B.BenchError(f"{wasm} missing: bench/run.sh builds it (scripts/build-filters.sh)")
-            filter_dir = work / "filters"
-            filter_dir.mkdir()
-            shutil.copy2(wasm, filter_dir / "add-header.wasm")
+            filter_dir = S.add_header_dir(Path(args.add_header_wasm), work / "filters")
         toml = S.sluicegate_toml(port, admin, backend, filter_dir)
+    if args.tracing:
+        toml += (f"\n[tracing]\nendpoint = \"http://127.0.0.1:{start_sink()}\"\n"
+                 "sampling_ratio = 1.0\nbatch_delay_ms = 200\n")
     t = S.start_sluicegate(procs, work, "sluicegate", "sluicegate", port, wrapper, toml, timeout=180)
     t.filtered = args.filter
     B.verify(t)
@@ -156,6 +188,9 @@ def main() -> int:
                if "sluicegate::" in r[1] and r[0] < ir * 0.6 and not r[1].startswith(("std/", "core/", "alloc/"))]
     what = "cache hit" if args.cache else "one filter (add-header)" if args.filter else "plain proxy"
     scenario = "callgrind-cache" if args.cache else "callgrind-filter" if args.filter else "callgrind"
+    if args.tracing:
+        what += f", traced at ratio 1.0 ({OtlpSink.exports} OTLP exports received)"
+        scenario += "-tracing"
     doc = {"scenario": scenario, "what": what,
            "meta": S.meta(exe, B.cpu_busy(0.5), requests=args.requests),
            "requests": args.requests, "ir_total": ir, "ir_per_request": round(per_request),

@@ -79,6 +79,15 @@ def start_backend(procs: B.Processes, work: Path, port: int) -> B.Target:
     return t
 
 
+def add_header_dir(wasm: Path, dest: Path) -> Path:
+    """A filter directory at `dest` holding the add-header component `wasm` (the benches' one filter)."""
+    if not wasm.is_file():
+        raise B.BenchError(f"{wasm} missing: bench/run.sh builds it (scripts/build-filters.sh)")
+    dest.mkdir()
+    shutil.copy2(wasm, dest / "add-header.wasm")
+    return dest
+
+
 def sluicegate_toml(port: int, admin: int, backend: int, filter_dir: Path | None) -> str:
     return B.sluicegate_conf(port, admin, backend_arg(B.sluicegate_conf, backend), filter_dir)
 

@@ -86,6 +86,8 @@ pub struct Entry {
     referer: Option<HeaderValue>,
     agent: Option<HeaderValue>,
     request_id: Option<HeaderValue>,
+    /// The request's trace, with `[tracing]` (set by the proxy).
+    pub trace_id: Option<crate::telemetry::TraceId>,
 }
 
 /// Is there an access log?
@@ -111,6 +113,7 @@ pub fn begin<B>(req: &Request<B>, conn: &ConnInfo) -> Option<Box<Entry>> {
         referer: h.get(http::header::REFERER).cloned(),
         agent: h.get(http::header::USER_AGENT).cloned(),
         request_id: h.get(crate::filter::exchange::X_REQUEST_ID).cloned(),
+        trace_id: None,
     }))
 }
 
@@ -138,7 +141,8 @@ impl Entry {
     }
 
     /// `client - - [10/Oct/2000:13:55:36 +0000] "GET /x HTTP/1.1" 200 2326
-    /// "referer" "agent" route=R upstream=U ms=1.234 rid=ID`.
+    /// "referer" "agent" route=R upstream=U ms=1.234 rid=ID`, then
+    /// `trace=<32 hex>` with `[tracing]`.
     fn common(
         &self,
         status: u16,
@@ -147,8 +151,11 @@ impl Entry {
         upstream: Option<&str>,
     ) -> String {
         let bytes = bytes.map_or("-".to_string(), |b| b.to_string());
+        let trace = self
+            .trace_id
+            .map_or(String::new(), |t| format!(" trace={t}"));
         format!(
-            "{} - - [{}] \"{} {} {:?}\" {status} {bytes} \"{}\" \"{}\" route={} upstream={} ms={:.3} rid={}\n",
+            "{} - - [{}] \"{} {} {:?}\" {status} {bytes} \"{}\" \"{}\" route={} upstream={} ms={:.3} rid={}{trace}\n",
             self.client.ip(),
             clf_time(self.time),
             self.method,
@@ -170,7 +177,7 @@ impl Entry {
             v.as_ref()
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         };
-        let mut line = serde_json::json!({
+        let mut value = serde_json::json!({
             "time": rfc3339(self.time),
             "client": self.client.ip().to_string(),
             "method": self.method.as_str(),
@@ -185,8 +192,11 @@ impl Entry {
             "referer": text(&self.referer),
             "user_agent": text(&self.agent),
             "request_id": text(&self.request_id),
-        })
-        .to_string();
+        });
+        if let (Some(t), Some(obj)) = (self.trace_id, value.as_object_mut()) {
+            obj.insert("trace_id".into(), t.to_string().into());
+        }
+        let mut line = value.to_string();
         line.push('\n');
         line
     }

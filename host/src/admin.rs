@@ -1,5 +1,5 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics` (Prometheus text),
-//! `/filters`, `/upstreams`, `/cache`, `/stats` and `/config` (JSON),
+//! `/filters`, `/upstreams`, `/cache`, `/stats`, `/series` and `/config` (JSON),
 //! `POST /reload`, `POST /cache/purge`, and the HTML status page at `/`.
 //! Bind it to loopback; with an admin token, everything but `/healthz` and
 //! `/readyz` asks for it.
@@ -82,6 +82,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
             metrics::gauge!("sluicegate_open_connections")
                 .set(state.open_connections.load(Ordering::Relaxed) as f64);
             crate::admin_ops::endpoint_gauges(&state.proxy.snapshot.load());
+            crate::admin_ops::filter_gauges(state.proxy.filters.as_deref());
             let mut text = state.metrics.render();
             crate::hist::render(&mut text);
             let mut resp = Response::new(body::full(text));
@@ -107,6 +108,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<ProxyBody> {
             json(&serde_json::json!({ "upstreams": ups }))
         }
         "/cache" => json(&state.proxy.snapshot.load().cache.stats_json()),
+        "/series" => json(&crate::telemetry::series::json()),
         _ => body::text_response(StatusCode::NOT_FOUND, "unknown admin endpoint"),
     }
 }

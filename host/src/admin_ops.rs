@@ -172,8 +172,9 @@ fn redact_value(v: &mut toml::Value) {
     }
 }
 
-/// `sluicegate_endpoint_healthy` (1/0) and `sluicegate_endpoint_in_flight`
-/// per endpoint, set from the live state when `/metrics` is scraped.
+/// `sluicegate_endpoint_healthy` (1/0), `sluicegate_endpoint_in_flight` and
+/// `sluicegate_endpoint_ejections_total` per endpoint, set from the live
+/// state when `/metrics` is scraped.
 pub fn endpoint_gauges(snap: &Snapshot) {
     let now = balance::now_ns();
     for u in snap.upstreams.values() {
@@ -182,9 +183,22 @@ pub fn endpoint_gauges(snap: &Snapshot) {
             let healthy = if e.state.healthy(now) { 1.0 } else { 0.0 };
             metrics::gauge!("sluicegate_endpoint_healthy", "upstream" => up.clone(), "endpoint" => ep.clone())
                 .set(healthy);
-            metrics::gauge!("sluicegate_endpoint_in_flight", "upstream" => up, "endpoint" => ep)
+            metrics::gauge!("sluicegate_endpoint_in_flight", "upstream" => up.clone(), "endpoint" => ep.clone())
                 .set(e.state.in_flight() as f64);
+            let (_, _, ejections) = e.state.counters();
+            metrics::counter!("sluicegate_endpoint_ejections_total", "upstream" => up, "endpoint" => ep)
+                .absolute(ejections);
         }
+    }
+}
+
+/// `sluicegate_filter_quarantined` (1/0) per filter, set when `/metrics` is
+/// scraped.
+pub fn filter_gauges(filters: Option<&crate::filter::FilterRuntime>) {
+    let Some(rt) = filters else { return };
+    for f in rt.current().status() {
+        let benched = if f.state == "quarantined" { 1.0 } else { 0.0 };
+        metrics::gauge!("sluicegate_filter_quarantined", "filter" => f.name).set(benched);
     }
 }
 

@@ -98,6 +98,11 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
     };
 
     crate::status::mark_start();
+    if let Some(t) = &config.tracing {
+        crate::telemetry::init(t)?;
+    }
+    // The status page's charts.
+    tokio::spawn(crate::telemetry::series::run());
     if let Some(log) = &config.proxy.access_log {
         crate::access_log::init(log)?;
     }
@@ -194,6 +199,8 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
+    // The spans of the last requests.
+    let _ = tokio::task::spawn_blocking(crate::telemetry::shutdown).await;
     tracing::info!("stopped");
     Ok(())
 }

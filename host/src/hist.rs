@@ -117,6 +117,39 @@ pub fn render(out: &mut String) {
     }
 }
 
+/// What one series has counted so far: per bucket (not cumulative; the
+/// last is past every bound), the count and the sum.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Totals {
+    /// Per bucket, as [`BOUNDS`] plus one past them.
+    pub buckets: [u64; BOUNDS.len() + 1],
+    /// Observations.
+    pub count: u64,
+    /// Their sum, in nanoseconds.
+    pub sum_ns: u64,
+}
+
+/// The totals of every series of `name`, by label value (for the status
+/// page's charts; a lock and a copy per series, off the request path).
+pub fn totals(name: &str) -> Vec<(String, Totals)> {
+    let reg = registry().lock();
+    let Some(series) = reg.get(name) else {
+        return Vec::new();
+    };
+    series
+        .iter()
+        .map(|((_, value), h)| {
+            let mut t = Totals::default();
+            for (b, n) in t.buckets.iter_mut().zip(&h.buckets) {
+                *b = n.load(Ordering::Relaxed);
+            }
+            t.count = h.count.load(Ordering::Relaxed);
+            t.sum_ns = h.sum_ns.load(Ordering::Relaxed);
+            (value.clone(), t)
+        })
+        .collect()
+}
+
 /// A label value as the text format wants it.
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")

@@ -26,6 +26,7 @@ pub mod reload;
 pub mod route;
 pub mod server;
 pub mod status;
+pub mod telemetry;
 pub mod ticker;
 pub mod tls;
 pub mod upstream;

@@ -156,15 +156,17 @@ impl Proxy {
     /// Serve one request. Never fails: errors become 4xx/5xx responses.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let mut req = req;
         // Kept from the client when valid, else made; it goes upstream and
         // into the access log.
         let request_id = exchange::ensure_request_id(req.headers_mut());
-        let log = crate::access_log::begin(&req, &conn);
+        let mut log = crate::access_log::begin(&req, &conn);
+        // `[tracing]`: the request's span, carried on in its extensions
+        // (`None`, and nothing done, when tracing is off).
+        let trace = crate::telemetry::begin(&mut req, conn.client.ip());
         let snap = self.snapshot.load_full();
         let (resp, route) = self.journey(&snap, req, conn, request_id).await;
         let status = resp.status().as_u16();
@@ -175,6 +177,12 @@ impl Proxy {
         if let Some(m) = m {
             m.by_class[class].increment(1);
             m.latency.record(started.elapsed());
+            if let Some(t) = trace {
+                if let Some(entry) = log.as_mut() {
+                    entry.trace_id = Some(t.trace_id());
+                }
+                t.finish(&resp, &m.label);
+            }
             if let Some(entry) = log {
                 entry.finish(&resp, &m.label);
             }
@@ -351,7 +359,10 @@ impl Proxy {
                     upstream: &upstream.name,
                 };
                 let body_empty = http_body::Body::is_end_stream(&req_body);
-                match snap.cache.try_hit(&cr, &mut parts, body_empty) {
+                let span = crate::telemetry::cache_span(&parts.extensions);
+                let hit = snap.cache.try_hit(&cr, &mut parts, body_empty);
+                crate::telemetry::cache_done(span, hit.is_some());
+                match hit {
                     Some(hit) => {
                         from_store = true;
                         Ok(hit)

@@ -30,6 +30,11 @@ pub fn count_response(class: usize) {
     }
 }
 
+/// Responses by class (1xx..5xx) since start.
+pub fn responses() -> [u64; 5] {
+    std::array::from_fn(|i| RESPONSES[i].load(Ordering::Relaxed))
+}
+
 /// The counters as JSON: uptime, open connections, responses by class.
 pub fn stats_json(open_connections: usize, ready: bool) -> serde_json::Value {
     let by_class: Vec<u64> = RESPONSES

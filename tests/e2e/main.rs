@@ -25,6 +25,7 @@ mod proxy_streams;
 mod reload;
 mod smuggling;
 mod soak;
+mod telemetry;
 mod tls;
 mod trust;
 mod upstream_keepalive;

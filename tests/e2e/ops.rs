@@ -340,7 +340,7 @@ fn chromium() -> String {
 
 /// Load `url` in headless Chromium, let the page's script run, and return
 /// the DOM; also write a screenshot to `png` when given.
-async fn render(url: &str, png: Option<&std::path::Path>) -> String {
+pub(crate) async fn render(url: &str, png: Option<&std::path::Path>) -> String {
     let browser = chromium();
     let profile = crate::common::TempDir::new("chromium");
     let mut args = vec![
@@ -381,7 +381,7 @@ async fn render(url: &str, png: Option<&std::path::Path>) -> String {
 }
 
 /// The text of the element with `id` in a dumped DOM (first occurrence).
-fn text_of(dom: &str, id: &str) -> String {
+pub(crate) fn text_of(dom: &str, id: &str) -> String {
     let marker = format!("id=\"{id}\"");
     let at = dom
         .find(&marker)

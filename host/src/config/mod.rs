@@ -16,12 +16,14 @@ mod filters;
 mod limits;
 mod ops;
 mod redis;
+mod telemetry;
 mod upstream;
 pub use cache::*;
 pub use filters::*;
 pub use limits::*;
 pub use ops::*;
 pub use redis::*;
+pub use telemetry::*;
 pub use upstream::*;
 
 /// A configuration error: which file, which line, which key, and why.
@@ -77,6 +79,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// `[redis]`: state shared by a fleet of replicas (see `config/redis.rs`).
     pub redis: Option<RedisConfig>,
+    /// `[tracing]`: OpenTelemetry traces over OTLP (absent: off).
+    pub tracing: Option<TracingConfig>,
     /// Where this config was read from (not a TOML key).
     #[serde(skip)]
     pub source: PathBuf,
@@ -109,6 +113,7 @@ impl Config {
         pin!("proxy.admin", proxy.admin);
         pin!("filters.cache_dir", filters.cache_dir);
         pin!("filters.compute_threads", filters.compute_threads);
+        pin!("tracing", tracing);
         // `running` holds the running values (pinned by earlier reloads),
         // so this is the full list, not only what this reload changed.
         self.pending_restart = pending;
@@ -318,6 +323,11 @@ impl Config {
             }
         }
         self.resolve_ops_paths(base);
+        if let Some(ca) = self.tracing.as_mut().and_then(|t| t.ca.as_mut()) {
+            if ca.is_relative() {
+                *ca = base.join(&*ca);
+            }
+        }
     }
 
     /// The listener addresses, already validated.
@@ -463,6 +473,7 @@ impl Validator<'_> {
         self.validate_cache(config)?;
         self.validate_protection(config)?;
         self.validate_redis(config)?;
+        self.validate_tracing(config.tracing.as_ref())?;
         self.validate_filters(config, &names)?;
         Ok(())
     }

@@ -161,10 +161,17 @@ impl Chain {
             if !version.caps.request_phase {
                 continue;
             }
+            let span = trace_span(&head.parts.extensions, version, "request");
             let taken = std::mem::replace(head, placeholder());
             let mut called = version.on_request(taken, ex).await;
             let grants = &version.policy.grants;
-            let failure = match std::mem::replace(&mut called.result, Err(FilterFailure::Missing)) {
+            let result = std::mem::replace(&mut called.result, Err(FilterFailure::Missing));
+            let action = match &result {
+                Ok(RequestAction::Respond(_)) => "respond",
+                Ok(RequestAction::Route(_)) => "route",
+                _ => "continue",
+            };
+            let failure = match result {
                 Ok(RequestAction::Continue) => None,
                 Ok(RequestAction::Respond(_)) if !grants.may_respond => Some(denied(
                     step,
@@ -175,6 +182,7 @@ impl Chain {
                 Ok(RequestAction::Respond(local)) => match local_response(local) {
                     Ok(resp) => {
                         version.stats.record_success();
+                        crate::telemetry::filter_done(span, action);
                         *head = called.req;
                         return (RequestDecision::Respond(resp), i + 1);
                     }
@@ -196,9 +204,11 @@ impl Chain {
             };
             let Some(failure) = failure else {
                 version.stats.record_success();
+                crate::telemetry::filter_done(span, action);
                 *head = called.req;
                 continue;
             };
+            traced_failure(span, step, &failure);
             // A failed call leaves no trace on the head.
             called.revert();
             *head = called.req;
@@ -227,10 +237,12 @@ impl Chain {
             let Some(version) = usable(step).filter(|v| v.caps.request_body) else {
                 continue;
             };
+            let span = trace_span(&head.parts.extensions, version, "request_body");
             let taken = std::mem::replace(head, placeholder());
             let mut called = version.on_request_body(taken, body.clone(), ex).await;
             let result = std::mem::replace(&mut called.result, Err(FilterFailure::Missing));
             let outcome = result.and_then(|a| body_action(a, &version.policy.grants, step));
+            traced_body(span, step, &outcome);
             if outcome.is_err() {
                 called.revert();
             }
@@ -266,6 +278,7 @@ impl Chain {
             let Some(version) = usable(step).filter(|v| v.caps.response_phase) else {
                 continue;
             };
+            let span = trace_span(&req.parts.extensions, version, "response");
             let mut called = version
                 .on_response(std::mem::replace(req, placeholder()), take_resp(resp), ex)
                 .await;
@@ -283,6 +296,13 @@ impl Chain {
                     .map(Some)
                     .map_err(FilterFailure::Invalid),
             });
+            match &outcome {
+                Ok(r) => crate::telemetry::filter_done(
+                    span,
+                    if r.is_some() { "respond" } else { "continue" },
+                ),
+                Err(f) => traced_failure(span, step, f),
+            }
             if outcome.is_err() {
                 called.revert();
             }
@@ -326,6 +346,7 @@ impl Chain {
             let Some(version) = usable(step).filter(|v| v.caps.response_body) else {
                 continue;
             };
+            let span = trace_span(&req.parts.extensions, version, "response_body");
             let mut called = version
                 .on_response_body(
                     std::mem::replace(req, placeholder()),
@@ -336,6 +357,7 @@ impl Chain {
                 .await;
             let result = std::mem::replace(&mut called.result, Err(FilterFailure::Missing));
             let outcome = result.and_then(|a| body_action(a, &version.policy.grants, step));
+            traced_body(span, step, &outcome);
             if outcome.is_err() {
                 called.revert();
             }
@@ -411,6 +433,34 @@ fn body_action(a: BodyAction, grants: &Grants, step: &Step) -> Result<BodyOutcom
             BodyOutcome::Respond(local_response(local).map_err(FilterFailure::Invalid)?)
         }
     })
+}
+
+/// `[tracing]`: a span for this call of `version` (`None` when off).
+fn trace_span(
+    ext: &http::Extensions,
+    version: &FilterVersion,
+    phase: &'static str,
+) -> Option<crate::telemetry::ChildSpan> {
+    crate::telemetry::filter_span(ext, &version.name, &version.hash, phase)
+}
+
+/// End a call's span as failed, with what its policy did.
+fn traced_failure(span: Option<crate::telemetry::ChildSpan>, step: &Step, f: &FilterFailure) {
+    crate::telemetry::filter_failed(span, f, step.on_error == OnError::FailOpen);
+}
+
+/// End a body phase's span.
+fn traced_body(
+    span: Option<crate::telemetry::ChildSpan>,
+    step: &Step,
+    outcome: &Result<BodyOutcome, FilterFailure>,
+) {
+    match outcome {
+        Ok(BodyOutcome::Keep) => crate::telemetry::filter_done(span, "continue"),
+        Ok(BodyOutcome::Replace(_)) => crate::telemetry::filter_done(span, "replace"),
+        Ok(BodyOutcome::Respond(_)) => crate::telemetry::filter_done(span, "respond"),
+        Err(f) => traced_failure(span, step, f),
+    }
 }
 
 /// The live version, unless quarantined.

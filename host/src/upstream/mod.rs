@@ -233,6 +233,9 @@ impl UpstreamClient {
                 },
             };
             let mut req = Request::from_parts(this, body.take().unwrap_or_else(body::empty));
+            // `[tracing]`: this attempt's span, named upstream in `traceparent`.
+            let span =
+                crate::telemetry::attempt_span(&mut req, &upstream.name, &endpoint.addr, attempt);
             let started = Instant::now();
             let sent = async {
                 if inline {
@@ -269,6 +272,7 @@ impl UpstreamClient {
                     upstream.record(i, Some(status), rtt);
                     let again = matches!(status.as_u16(), 502..=504) && idempotent && may_retry;
                     let ticket = if again { retry_ticket(upstream) } else { None };
+                    crate::telemetry::attempt_done(span, Ok(status.as_u16()), ticket.is_some());
                     let resp = resp.map(|b| {
                         body::boxed(Tracked {
                             inner: b,
@@ -319,6 +323,11 @@ impl UpstreamClient {
             upstream.record(i, None, rtt);
             let (err, again) = failure;
             let ticket = if again { retry_ticket(upstream) } else { None };
+            crate::telemetry::attempt_done(
+                span,
+                Err(&err as &dyn std::fmt::Display),
+                ticket.is_some(),
+            );
             if ticket.is_none() {
                 return Err(err);
             }
