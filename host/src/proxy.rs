@@ -32,8 +32,8 @@ use crate::config::CacheRule;
 use crate::config::Config;
 use crate::filter::chain::{Chain, RequestDecision};
 use crate::filter::exchange::{self, Exchange, SharedExchange, TlsInfo};
-use crate::filter::stream::{ChunkBody, LocalSlot};
 use crate::filter::host_api::{RequestHead, ResponseHead};
+use crate::filter::stream::{ChunkBody, LocalSlot};
 use crate::filter::FilterRuntime;
 use crate::headers;
 use crate::protect::{self, body::LimitedBody, origin, Protection};
@@ -139,7 +139,6 @@ pub struct ConnInfo {
     /// SNI and ALPN, set once the TLS handshake is done (TLS listeners).
     pub tls: Option<Arc<std::sync::OnceLock<TlsInfo>>>,
 }
-
 
 /// The proxy as one worker thread sees it: the shared live snapshot and
 /// filter runtime, and the worker's own upstream connection pool.
@@ -310,13 +309,17 @@ impl Proxy {
                     // is framed by the body alone (chunked).
                     head.parts.headers.remove(header::CONTENT_LENGTH);
                     let s = LocalSlot::default();
-                    let streamed = ChunkBody::request(req_body, filters.into(), ex.clone(), s.clone());
+                    let streamed =
+                        ChunkBody::request(req_body, filters.into(), ex.clone(), s.clone());
                     req_body = body::boxed(streamed);
                     slot = Some(s);
                 }
                 if !chain.log_filters(ran).is_empty() {
                     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-                    req_body = body::boxed(crate::filter::stream::Counted::new(req_body, counter.clone()));
+                    req_body = body::boxed(crate::filter::stream::Counted::new(
+                        req_body,
+                        counter.clone(),
+                    ));
                     bytes_in = Some(counter);
                 }
                 head.parts.extensions.insert(crate::upstream::WantAnswer);
@@ -565,7 +568,10 @@ impl Proxy {
             let filters = chain.response_chunk_filters(ran);
             if !filters.is_empty() {
                 head.parts.headers.remove(header::CONTENT_LENGTH);
-                match ChunkBody::response(body, filters.into(), ex.clone()).prime().await {
+                match ChunkBody::response(body, filters.into(), ex.clone())
+                    .prime()
+                    .await
+                {
                     Ok(streamed) => body = body::boxed(streamed),
                     Err(local) => {
                         let (parts, b) = local.into_parts();

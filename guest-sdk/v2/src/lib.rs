@@ -463,7 +463,7 @@ macro_rules! export_filter {
                         $crate::Filter::on_request_chunk(f, &$crate::Context::new(cx), chunk, end)
                     })
                 }
-        fn on_response(
+                fn on_response(
                     cx: &$crate::__private::Exchange,
                     req: &$crate::__private::Request,
                     resp: &$crate::__private::Response,
@@ -509,7 +509,7 @@ macro_rules! export_filter {
                 }
             }
 
-            $crate::bindings::export!(__SluicegateExport with_types_in $crate::bindings);
+    $crate::bindings::export!(__SluicegateExport with_types_in $crate::bindings);
         };
     };
 }

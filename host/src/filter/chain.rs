@@ -518,8 +518,8 @@ pub(crate) fn local_response(local: Local) -> Result<Response<ProxyBody>, String
         if value.len() > MAX_HEADER_VALUE {
             return Err(format!("header {n} too long"));
         }
-        let v = HeaderValue::from_bytes(&value)
-            .map_err(|_| format!("invalid value for header {n}"))?;
+        let v =
+            HeaderValue::from_bytes(&value).map_err(|_| format!("invalid value for header {n}"))?;
         resp.headers_mut().append(n, v);
     }
     resp.headers_mut().remove(http::header::CONTENT_LENGTH);

@@ -23,8 +23,8 @@ use super::compute::{CallMeter, Demotion, Metered, Verdict};
 use super::engine::FilterEngine;
 use super::exchange::SharedExchange;
 use super::host_api::{
-    Edits, ExchangeHandle, FilterContext, HostState, Lent, RequestHead, ResponseHead,
-    EXCHANGE_REP, MEMORY_CAP_ERROR,
+    Edits, ExchangeHandle, FilterContext, HostState, Lent, RequestHead, ResponseHead, EXCHANGE_REP,
+    MEMORY_CAP_ERROR,
 };
 use super::stats::FilterStats;
 use crate::config::{FilterPolicy, Isolation};
@@ -135,7 +135,10 @@ impl Exports {
         Ok(Exports {
             contract,
             init: get("init")?,
-            phases: names.iter().map(|n| get(n)).collect::<anyhow::Result<_>>()?,
+            phases: names
+                .iter()
+                .map(|n| get(n))
+                .collect::<anyhow::Result<_>>()?,
         })
     }
 }
@@ -145,7 +148,8 @@ type InitFunc2 = TypedFunc<(String,), (Result<v2::Phases, String>,)>;
 type RequestFunc = TypedFunc<(Resource<RequestHead>,), (v1::RequestAction,)>;
 type ResponseFunc =
     TypedFunc<(Resource<RequestHead>, Resource<ResponseHead>), (v1::ResponseAction,)>;
-type RequestFunc2 = TypedFunc<(Resource<ExchangeHandle>, Resource<RequestHead>), (v2::RequestAction,)>;
+type RequestFunc2 =
+    TypedFunc<(Resource<ExchangeHandle>, Resource<RequestHead>), (v2::RequestAction,)>;
 type ResponseFunc2 = TypedFunc<
     (
         Resource<ExchangeHandle>,
@@ -253,11 +257,25 @@ macro_rules! dispatch {
                     .0
                     .into(),
             ),
-            (Funcs::V1 { on_request_body, .. }, Args::RequestBody(body)) => {
+            (
+                Funcs::V1 {
+                    on_request_body, ..
+                },
+                Args::RequestBody(body),
+            ) => {
                 let func = on_request_body.typed::<BodyParams<'_>, (v1::BodyAction,)>(&*store)?;
-                Output::Body($invoke!(func, store, (req_handle(), body.as_ref())).0.into())
+                Output::Body(
+                    $invoke!(func, store, (req_handle(), body.as_ref()))
+                        .0
+                        .into(),
+                )
             }
-            (Funcs::V1 { on_response_body, .. }, Args::ResponseBody(body)) => {
+            (
+                Funcs::V1 {
+                    on_response_body, ..
+                },
+                Args::ResponseBody(body),
+            ) => {
                 let func =
                     on_response_body.typed::<BothBodyParams<'_>, (v1::BodyAction,)>(&*store)?;
                 Output::Body(
@@ -272,11 +290,20 @@ macro_rules! dispatch {
                     .into(),
             ),
             (Funcs::V2 { on_response, .. }, Args::Response) => Output::Response(
-                $invoke!(on_response, store, (ex_handle(), req_handle(), resp_handle()))
-                    .0
-                    .into(),
+                $invoke!(
+                    on_response,
+                    store,
+                    (ex_handle(), req_handle(), resp_handle())
+                )
+                .0
+                .into(),
             ),
-            (Funcs::V2 { on_request_body, .. }, Args::RequestBody(body)) => {
+            (
+                Funcs::V2 {
+                    on_request_body, ..
+                },
+                Args::RequestBody(body),
+            ) => {
                 let func = on_request_body.typed::<BodyParams2<'_>, (v2::BodyAction,)>(&*store)?;
                 Output::Body(
                     $invoke!(func, store, (ex_handle(), req_handle(), body.as_ref()))
@@ -284,7 +311,12 @@ macro_rules! dispatch {
                         .into(),
                 )
             }
-            (Funcs::V2 { on_response_body, .. }, Args::ResponseBody(body)) => {
+            (
+                Funcs::V2 {
+                    on_response_body, ..
+                },
+                Args::ResponseBody(body),
+            ) => {
                 let func =
                     on_response_body.typed::<BothBodyParams2<'_>, (v2::BodyAction,)>(&*store)?;
                 Output::Body(
@@ -297,14 +329,33 @@ macro_rules! dispatch {
                     .into(),
                 )
             }
-            (Funcs::V2 { on_request_chunk, .. }, Args::RequestChunk(chunk, end)) => {
-                let func = on_request_chunk.typed::<ChunkParams<'_>, (v2::ChunkAction,)>(&*store)?;
-                Output::Body($invoke!(func, store, (ex_handle(), chunk.as_ref(), *end)).0.into())
+            (
+                Funcs::V2 {
+                    on_request_chunk, ..
+                },
+                Args::RequestChunk(chunk, end),
+            ) => {
+                let func =
+                    on_request_chunk.typed::<ChunkParams<'_>, (v2::ChunkAction,)>(&*store)?;
+                Output::Body(
+                    $invoke!(func, store, (ex_handle(), chunk.as_ref(), *end))
+                        .0
+                        .into(),
+                )
             }
-            (Funcs::V2 { on_response_chunk, .. }, Args::ResponseChunk(chunk, end)) => {
+            (
+                Funcs::V2 {
+                    on_response_chunk, ..
+                },
+                Args::ResponseChunk(chunk, end),
+            ) => {
                 let func =
                     on_response_chunk.typed::<ChunkParams<'_>, (v2::ChunkAction,)>(&*store)?;
-                Output::Body($invoke!(func, store, (ex_handle(), chunk.as_ref(), *end)).0.into())
+                Output::Body(
+                    $invoke!(func, store, (ex_handle(), chunk.as_ref(), *end))
+                        .0
+                        .into(),
+                )
             }
             (Funcs::V2 { on_log, .. }, Args::Log(entry)) => {
                 $invoke!(on_log, store, (ex_handle(), *entry));
@@ -418,7 +469,9 @@ impl FilterVersion {
         let exports = Exports::new(component)?;
         // Checks every export against its world (names and types).
         match exports.contract {
-            Contract::V1 => drop(FilterPre::new(instance_pre.clone()).map_err(anyhow::Error::from)?),
+            Contract::V1 => {
+                drop(FilterPre::new(instance_pre.clone()).map_err(anyhow::Error::from)?)
+            }
             Contract::V2 => drop(
                 super::bindings_v2::FilterPre::new(instance_pre.clone())
                     .map_err(anyhow::Error::from)?,

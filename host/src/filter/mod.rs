@@ -17,8 +17,8 @@ pub mod host_api;
 pub mod instance;
 pub mod kv;
 pub mod stats;
-pub mod stream;
 pub mod stdio;
+pub mod stream;
 pub mod tool;
 
 use std::collections::{BTreeMap, HashMap};

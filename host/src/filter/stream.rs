@@ -397,7 +397,9 @@ impl LogBody {
                 }
                 match version.on_log(entry, &job.ex).await {
                     Ok(()) => version.stats.record_success(),
-                    Err(e) => tracing::debug!(filter = %version.name, error = %e, "log phase failed"),
+                    Err(e) => {
+                        tracing::debug!(filter = %version.name, error = %e, "log phase failed")
+                    }
                 }
             }
         });

@@ -17,9 +17,7 @@ use wasmtime::component::Resource;
 use super::{denied, HostState, Lent, RequestHead, ResponseHead, Side, Undo, Wr};
 use super::{MAX_HEADER_FIELDS, MAX_HEADER_VALUE};
 use crate::config::header_listed;
-use crate::filter::bindings_v2::sluicegate::filter::{
-    env, kv, log, metrics as wit_metrics, types,
-};
+use crate::filter::bindings_v2::sluicegate::filter::{env, kv, log, metrics as wit_metrics, types};
 use crate::filter::exchange::{Deferred, Exchange};
 use types::FieldError;
 
@@ -66,7 +64,10 @@ pub fn checked_field(
 impl HostState {
     fn fields_ref(&self, side: Side) -> Wr<&HeaderMap> {
         match side {
-            Side::Request => Ok(&self.req(&Resource::new_borrow(RequestHead::REP))?.parts.headers),
+            Side::Request => Ok(&self
+                .req(&Resource::new_borrow(RequestHead::REP))?
+                .parts
+                .headers),
             Side::Response => Ok(&self
                 .resp(&Resource::new_borrow(ResponseHead::REP))?
                 .parts
@@ -195,7 +196,11 @@ impl types::HostRequest for HostState {
     fn method(&mut self, r: Resource<RequestHead>) -> Wr<String> {
         Ok(self.req(&r)?.parts.method.as_str().to_string())
     }
-    fn set_method(&mut self, r: Resource<RequestHead>, method: String) -> Wr<Result<(), FieldError>> {
+    fn set_method(
+        &mut self,
+        r: Resource<RequestHead>,
+        method: String,
+    ) -> Wr<Result<(), FieldError>> {
         let Ok(m) = http::Method::from_bytes(method.as_bytes()) else {
             return Ok(Err(FieldError::InvalidName));
         };
@@ -554,7 +559,9 @@ impl HostState {
             all.push(metrics::Label::new(k.clone(), v.clone()));
         }
         let s = match kind {
-            SeriesKind::Counter => Series::Counter(metrics::counter!("sluicegate_filter_counter_total", all)),
+            SeriesKind::Counter => {
+                Series::Counter(metrics::counter!("sluicegate_filter_counter_total", all))
+            }
             SeriesKind::Gauge => Series::Gauge(metrics::gauge!("sluicegate_filter_gauge", all)),
             SeriesKind::Histogram => {
                 Series::Histogram(metrics::histogram!("sluicegate_filter_histogram", all))
