@@ -39,7 +39,7 @@ mkdir -p "$ROOT/target"
 : > "$LOG"
 
 echo "== guest SDK and filter unit tests (native)"
-cargo test --target-dir target/guest -p sluicegate-sdk -p add-header -p auth -p rate-limit -p canary -p security-headers 2>&1 | tee -a "$LOG"
+cargo test --target-dir target/guest -p sluicegate-sdk -p sluicegate-sdk-v2 -p add-header -p add-header-v2 -p auth -p rate-limit -p canary -p security-headers 2>&1 | tee -a "$LOG"
 
 echo "== host unit tests and end-to-end tests (real binary, real sockets, real filters)"
 cargo test --release -p sluicegate --lib --tests -- --test-threads "${SLUICEGATE_TEST_THREADS:-2}" 2>&1 | tee -a "$LOG"

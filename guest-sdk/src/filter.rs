@@ -91,8 +91,10 @@ impl From<Capabilities> for WitCapabilities {
 /// The value built by `init` is reused for every call this instance gets, and
 /// the host reuses warm instances across requests: fields may keep state
 /// between requests (a cache, say), but the phases of one request may run in
-/// different instances, so carry per-request state in a request header or in
-/// [`kv`](crate::kv).
+/// different instances, so `self` is no place for per-request state. Contract
+/// 0.1 has no per-request store: a filter that needs state from its request
+/// phase in its response phase should be written against 0.2
+/// (`sluicegate-sdk-v2`), whose per-request locals the host keeps for it.
 pub trait Filter: Sized + 'static {
     /// The phases this filter takes part in, when they do not depend on the
     /// configuration (override [`capabilities`](Filter::capabilities) when

@@ -89,8 +89,10 @@
 //! instance until the host drops it. The host reuses warm instances, so
 //! fields and globals may persist between requests (unless the operator sets
 //! `isolation = "request"`), but a later phase of the same request may run
-//! in a different instance: carry per-request state in a request header or
-//! in [`kv`], never in `self`.
+//! in a different instance, so never keep per-request state in `self`. For
+//! state carried across the phases of one request, use contract 0.2
+//! (`sluicegate-sdk-v2`): its `Context::set_local` / `Context::local` are kept
+//! by the host per request and per filter.
 #![deny(missing_docs)]
 
 mod config;

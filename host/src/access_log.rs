@@ -85,6 +85,7 @@ pub struct Entry {
     host: Option<HeaderValue>,
     referer: Option<HeaderValue>,
     agent: Option<HeaderValue>,
+    request_id: Option<HeaderValue>,
     /// The request's trace, with `[tracing]` (set by the proxy).
     pub trace_id: Option<crate::telemetry::TraceId>,
 }
@@ -111,6 +112,7 @@ pub fn begin<B>(req: &Request<B>, conn: &ConnInfo) -> Option<Box<Entry>> {
         host: h.get(http::header::HOST).cloned(),
         referer: h.get(http::header::REFERER).cloned(),
         agent: h.get(http::header::USER_AGENT).cloned(),
+        request_id: h.get(crate::filter::exchange::X_REQUEST_ID).cloned(),
         trace_id: None,
     }))
 }
@@ -175,8 +177,8 @@ impl Entry {
     }
 
     /// `client - - [10/Oct/2000:13:55:36 +0000] "GET /x HTTP/1.1" 200 2326
-    /// "referer" "agent" route=R upstream=U ms=1.234`, then `trace=<32 hex>`
-    /// with `[tracing]`.
+    /// "referer" "agent" route=R upstream=U ms=1.234 rid=ID`, then
+    /// `trace=<32 hex>` with `[tracing]`.
     fn common(
         &self,
         status: u16,
@@ -189,7 +191,7 @@ impl Entry {
             .trace_id
             .map_or(String::new(), |t| format!(" trace={t}"));
         format!(
-            "{} - - [{}] \"{} {} {:?}\" {status} {bytes} \"{}\" \"{}\" route={} upstream={} ms={:.3}{trace}\n",
+            "{} - - [{}] \"{} {} {:?}\" {status} {bytes} \"{}\" \"{}\" route={} upstream={} ms={:.3} rid={}{trace}\n",
             self.client.ip(),
             clf_time(self.time),
             self.method,
@@ -200,6 +202,9 @@ impl Entry {
             quoted(route.as_bytes()),
             upstream.unwrap_or("-"),
             self.ms(),
+            self.request_id
+                .as_ref()
+                .map_or("-".to_string(), |v| quoted(v.as_bytes())),
         )
     }
 
@@ -222,6 +227,7 @@ impl Entry {
             "upstream": upstream,
             "referer": text(&self.referer),
             "user_agent": text(&self.agent),
+            "request_id": text(&self.request_id),
         });
         if let (Some(t), Some(obj)) = (self.trace_id, value.as_object_mut()) {
             obj.insert("trace_id".into(), t.to_string().into());

@@ -31,7 +31,9 @@ use crate::cache::{CacheRequest, HttpCache, Origin, OriginFuture};
 use crate::config::CacheRule;
 use crate::config::Config;
 use crate::filter::chain::{Chain, RequestDecision};
+use crate::filter::exchange::{self, Exchange, SharedExchange, TlsInfo};
 use crate::filter::host_api::{RequestHead, ResponseHead};
+use crate::filter::stream::{ChunkBody, LocalSlot};
 use crate::filter::FilterRuntime;
 use crate::headers;
 use crate::protect::{self, body::LimitedBody, origin, Protection};
@@ -128,12 +130,14 @@ impl Snapshot {
 }
 
 /// How the client reached us.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client's address.
     pub client: SocketAddr,
     /// `http` or `https`.
     pub scheme: &'static str,
+    /// SNI and ALPN, set once the TLS handshake is done (TLS listeners).
+    pub tls: Option<Arc<std::sync::OnceLock<TlsInfo>>>,
 }
 
 /// The proxy as one worker thread sees it: the shared live snapshot and
@@ -155,6 +159,9 @@ impl Proxy {
         conn: ConnInfo,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
+        // Kept from the client when valid, else made; it goes upstream and
+        // into the access log.
+        exchange::ensure_request_id(req.headers_mut());
         let mut log = crate::access_log::begin(&req, &conn);
         // gRPC: its deadline, its failures as gRPC statuses (see `grpc`).
         let grpc = crate::grpc::GrpcCall::begin(&mut req);
@@ -245,10 +252,34 @@ impl Proxy {
         let mut target = route.upstream.clone();
         let (limited, verdict) = LimitedBody::new(incoming, limit);
         let mut req_body = body::boxed(limited);
+        // A 0.2 filter on the route: the request gets its exchange.
+        let ex: Option<SharedExchange> = match &chain {
+            Some(c) if c.has_v2() => Some(
+                Exchange::new(
+                    // Set by `handle` (the id travels in the head, not in
+                    // this future: every request's future stays small).
+                    head.parts
+                        .headers
+                        .get(&exchange::X_REQUEST_ID)
+                        .cloned()
+                        .unwrap_or_else(exchange::new_request_id),
+                    route.label.clone(),
+                    target.clone(),
+                    version,
+                    conn.client,
+                    conn.tls.as_ref().and_then(|t| t.get().cloned()),
+                    Instant::now(),
+                )
+                .shared(),
+            ),
+            _ => None,
+        };
+        let mut slot: Option<LocalSlot> = None;
+        let mut bytes_in = None;
         if let Some(chain) = &chain {
             let exists = |name: &str| snap.upstreams.contains_key(name);
             // Boxed: only filtered requests carry the chain's future.
-            let (decision, n) = Box::pin(chain.on_request(&mut head, &exists)).await;
+            let (decision, n) = Box::pin(chain.on_request(&mut head, &exists, ex.as_ref())).await;
             ran = n;
             let grpc = head
                 .parts
@@ -260,29 +291,67 @@ impl Proxy {
             }
             match decision {
                 RequestDecision::Respond(resp) => {
-                    return (self.finish_opt(Some(chain), ran, head, resp).await, label)
+                    return (
+                        self.finish_opt(Some(chain), ran, head, resp, ex.as_ref(), None)
+                            .await,
+                        label,
+                    )
                 }
                 RequestDecision::Forward {
                     upstream: Some(name),
-                } => target = Arc::from(name.as_str()),
+                } => {
+                    target = Arc::from(name.as_str());
+                    if let Some(ex) = &ex {
+                        ex.lock().upstream = target.clone();
+                    }
+                }
                 RequestDecision::Forward { upstream: None } => {}
             }
             if chain.wants_request_body() {
                 // Boxed, as the request phase: the body phases' futures
                 // are only carried by the requests that have them.
-                match Box::pin(self.filter_request_body(chain, &mut head, req_body)).await {
+                match Box::pin(self.filter_request_body(chain, &mut head, req_body, ex.as_ref()))
+                    .await
+                {
                     Ok(b) => req_body = b,
                     Err(resp) => {
-                        return (self.finish_opt(Some(chain), ran, head, resp).await, label)
+                        return (
+                            self.finish_opt(Some(chain), ran, head, resp, ex.as_ref(), None)
+                                .await,
+                            label,
+                        )
                     }
                 }
+            }
+            if let Some(ex) = &ex {
+                let filters = chain.request_chunk_filters();
+                if !filters.is_empty() {
+                    // The filters may change the length: what goes upstream
+                    // is framed by the body alone (chunked).
+                    head.parts.headers.remove(header::CONTENT_LENGTH);
+                    let s = LocalSlot::default();
+                    let streamed =
+                        ChunkBody::request(req_body, filters.into(), ex.clone(), s.clone());
+                    req_body = body::boxed(streamed);
+                    slot = Some(s);
+                }
+                if !chain.log_filters(ran).is_empty() {
+                    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                    req_body = body::boxed(crate::filter::stream::Counted::new(
+                        req_body,
+                        counter.clone(),
+                    ));
+                    bytes_in = Some(counter);
+                }
+                head.parts.extensions.insert(crate::upstream::WantAnswer);
             }
         }
 
         let Some(upstream) = snap.upstreams.get(&target) else {
             let resp = body::text_response(StatusCode::BAD_GATEWAY, "upstream not configured");
             return (
-                self.finish_opt(chain.as_ref(), ran, head, resp).await,
+                self.finish_opt(chain.as_ref(), ran, head, resp, ex.as_ref(), bytes_in)
+                    .await,
                 label,
             );
         };
@@ -371,13 +440,19 @@ impl Proxy {
             }
             (Err(e), _) => error_response(&upstream.name, &e),
         };
-        let mut resp = resp;
+        // A request-chunk filter that answered locally stopped the upload:
+        // its answer replaces whatever the upstream said.
+        let mut resp = match slot.and_then(|s| s.lock().take()) {
+            Some(local) => local,
+            None => resp,
+        };
         if crate::access_log::enabled() {
             let name = crate::access_log::UpstreamName(upstream.name.clone());
             resp.extensions_mut().insert(name);
         }
         (
-            self.finish_opt(chain.as_ref(), ran, head, resp).await,
+            self.finish_opt(chain.as_ref(), ran, head, resp, ex.as_ref(), bytes_in)
+                .await,
             label,
         )
     }
@@ -440,12 +515,13 @@ impl Proxy {
         chain: &Chain,
         head: &mut RequestHead,
         body: ProxyBody,
+        ex: Option<&SharedExchange>,
     ) -> Result<ProxyBody, Response<ProxyBody>> {
         let limit = chain.max_body_bytes;
         let bytes = collect_limited(body, limit).await.map_err(|status| {
             body::text_response(status, "request body too large for the filter")
         })?;
-        let bytes = chain.on_request_body(head, bytes).await?;
+        let bytes = chain.on_request_body(head, bytes, ex).await?;
         set_length(&mut head.parts.headers, bytes.len());
         Ok(body::full(bytes))
     }
@@ -459,9 +535,13 @@ impl Proxy {
         ran: usize,
         head: RequestHead,
         resp: Response<ProxyBody>,
+        ex: Option<&'a SharedExchange>,
+        bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
         match chain {
-            Some(c) if ran > 0 => Either::Left(Box::pin(self.finish(c, ran, head, resp))),
+            Some(c) if ran > 0 => {
+                Either::Left(Box::pin(self.finish(c, ran, head, resp, ex, bytes_in)))
+            }
             _ => Either::Right(std::future::ready(resp)),
         }
     }
@@ -474,10 +554,18 @@ impl Proxy {
         ran: usize,
         mut req: RequestHead,
         resp: Response<ProxyBody>,
+        ex: Option<&SharedExchange>,
+        bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
     ) -> Response<ProxyBody> {
         let (parts, mut body) = resp.into_parts();
         let mut head = ResponseHead { parts };
-        if let Some(replaced) = chain.on_response(ran, &mut req, &mut head).await {
+        if let Some(ex) = ex {
+            let mut ex = ex.lock();
+            ex.answer = Some(crate::upstream::answer_of(&head.parts));
+            // Deferred edits first: the response phases see them.
+            ex.apply_deferred(&mut head.parts.headers);
+        }
+        if let Some(replaced) = chain.on_response(ran, &mut req, &mut head, ex).await {
             body = replaced;
         }
         if chain.wants_response_body(ran) {
@@ -492,10 +580,38 @@ impl Proxy {
                 }
             };
             let bytes = chain
-                .on_response_body(ran, &mut req, &mut head, bytes)
+                .on_response_body(ran, &mut req, &mut head, bytes, ex)
                 .await;
             set_length(&mut head.parts.headers, bytes.len());
             body = body::full(bytes);
+        }
+        if let Some(ex) = ex {
+            let filters = chain.response_chunk_filters(ran);
+            if !filters.is_empty() {
+                head.parts.headers.remove(header::CONTENT_LENGTH);
+                match ChunkBody::response(body, filters.into(), ex.clone())
+                    .prime()
+                    .await
+                {
+                    Ok(streamed) => body = body::boxed(streamed),
+                    Err(local) => {
+                        let (parts, b) = local.into_parts();
+                        head.parts = parts;
+                        body = b;
+                    }
+                }
+            }
+            let logs = chain.log_filters(ran);
+            if !logs.is_empty() {
+                let status = head.parts.status.as_u16();
+                body = body::boxed(crate::filter::stream::LogBody::new(
+                    body,
+                    logs,
+                    ex.clone(),
+                    status,
+                    bytes_in,
+                ));
+            }
         }
         protect::normalise_response_framing(&mut head.parts.headers, &body);
         Response::from_parts(head.parts, body)

@@ -135,7 +135,9 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let proxy = proxy.clone();
                 let scheme = if tls.is_some() { "https" } else { "http" };
-                let conn_info = ConnInfo { client, scheme };
+                // SNI and ALPN, known once the handshake is done.
+                let tls_info = tls.as_ref().map(|_| Arc::new(std::sync::OnceLock::new()));
+                let conn_info = ConnInfo { client, scheme, tls: tls_info.clone() };
                 let idle = Duration::from_millis(timeouts.idle_ms);
                 let park_after = Duration::from_millis(timeouts.keepalive_park_ms).min(idle);
                 let head_timeout = Duration::from_millis(timeouts.header_read_ms);
@@ -149,6 +151,7 @@ pub async fn serve(
                 let max = limits.max_requests_per_connection;
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let proxy = proxy.clone();
+                    let conn_info = conn_info.clone();
                     // Counted until the response body ends (idle timeout and
                     // parking must not strike a response that is streaming).
                     let guard = InFlight::new(body_inflight.clone());
@@ -168,6 +171,13 @@ pub async fn serve(
                     let acceptor = acceptor.clone();
                     tasks.spawn(async move {
                         if let Some(tls_stream) = crate::tls::handshake(&acceptor, stream, head_timeout, client).await {
+                            if let Some(info) = &tls_info {
+                                let (_, session) = tls_stream.get_ref();
+                                let _ = info.set(crate::filter::exchange::TlsInfo {
+                                    sni: session.server_name().map(str::to_string),
+                                    alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
+                                });
+                            }
                             let strict = StrictH1::new(tls_stream, max_head, max_headers, head_timeout, client);
                             let conn = builder.serve_connection_with_upgrades(TokioIo::new(strict), service).into_owned();
                             if let Err(e) = until_done(conn, stop).await {

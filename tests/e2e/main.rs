@@ -13,6 +13,7 @@ mod config;
 mod deploy;
 mod drain;
 mod filters;
+mod filters_v2;
 mod fleet;
 mod grpc;
 mod isolation;

@@ -8,9 +8,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 
-use super::bindings::sluicegate::filter::types::{
-    BodyAction, LocalResponse, RequestAction, ResponseAction,
-};
+use super::action::{BodyAction, Local, RequestAction, ResponseAction};
+use super::exchange::SharedExchange;
 use super::host_api::{RequestHead, ResponseHead, MAX_HEADER_FIELDS, MAX_HEADER_VALUE};
 use super::instance::{placeholder, FilterFailure, FilterVersion};
 use super::FilterSet;
@@ -89,6 +88,48 @@ impl Chain {
             .any(|s| s.version.as_ref().is_some_and(|v| v.caps.response_body))
     }
 
+    /// True if any filter speaks contract 0.2 (the request then gets an
+    /// exchange).
+    pub fn has_v2(&self) -> bool {
+        self.steps.iter().any(|s| {
+            s.version
+                .as_ref()
+                .is_some_and(|v| v.contract == super::instance::Contract::V2)
+        })
+    }
+
+    /// The filters that stream the request body, in order.
+    pub fn request_chunk_filters(&self) -> Vec<(Arc<FilterVersion>, OnError)> {
+        self.steps
+            .iter()
+            .filter_map(|s| {
+                let v = s.version.as_ref()?;
+                v.caps.request_chunks.then(|| (v.clone(), s.on_error))
+            })
+            .collect()
+    }
+
+    /// The first `ran` filters that stream the response body, in the
+    /// response order (reverse).
+    pub fn response_chunk_filters(&self, ran: usize) -> Vec<(Arc<FilterVersion>, OnError)> {
+        self.steps[..ran]
+            .iter()
+            .rev()
+            .filter_map(|s| {
+                let v = s.version.as_ref()?;
+                v.caps.response_chunks.then(|| (v.clone(), s.on_error))
+            })
+            .collect()
+    }
+
+    /// The first `ran` filters with a log phase, in request order.
+    pub fn log_filters(&self, ran: usize) -> Vec<Arc<FilterVersion>> {
+        self.steps[..ran]
+            .iter()
+            .filter_map(|s| s.version.as_ref().filter(|v| v.caps.log).cloned())
+            .collect()
+    }
+
     /// True if any of the first `ran` filters reads the request again in a
     /// response phase (head or body). Decided on capabilities alone: a
     /// filter benched now may be usable again by the time the response
@@ -107,6 +148,7 @@ impl Chain {
         &self,
         head: &mut RequestHead,
         upstream_exists: &(dyn Fn(&str) -> bool + Sync),
+        ex: Option<&SharedExchange>,
     ) -> (RequestDecision, usize) {
         let mut upstream = None;
         for (i, step) in self.steps.iter().enumerate() {
@@ -121,7 +163,7 @@ impl Chain {
             }
             let span = trace_span(&head.parts.extensions, version, "request");
             let taken = std::mem::replace(head, placeholder());
-            let mut called = version.on_request(taken).await;
+            let mut called = version.on_request(taken, ex).await;
             let grants = &version.policy.grants;
             let result = std::mem::replace(&mut called.result, Err(FilterFailure::Missing));
             let action = match &result {
@@ -189,6 +231,7 @@ impl Chain {
         &self,
         head: &mut RequestHead,
         mut body: Bytes,
+        ex: Option<&SharedExchange>,
     ) -> Result<Bytes, Response<ProxyBody>> {
         for step in &self.steps {
             let Some(version) = usable(step).filter(|v| v.caps.request_body) else {
@@ -196,7 +239,7 @@ impl Chain {
             };
             let span = trace_span(&head.parts.extensions, version, "request_body");
             let taken = std::mem::replace(head, placeholder());
-            let mut called = version.on_request_body(taken, body.clone()).await;
+            let mut called = version.on_request_body(taken, body.clone(), ex).await;
             let result = std::mem::replace(&mut called.result, Err(FilterFailure::Missing));
             let outcome = result.and_then(|a| body_action(a, &version.policy.grants, step));
             traced_body(span, step, &outcome);
@@ -228,6 +271,7 @@ impl Chain {
         ran: usize,
         req: &mut RequestHead,
         resp: &mut ResponseHead,
+        ex: Option<&SharedExchange>,
     ) -> Option<ProxyBody> {
         let mut replaced = None;
         for step in self.steps[..ran].iter().rev() {
@@ -236,7 +280,7 @@ impl Chain {
             };
             let span = trace_span(&req.parts.extensions, version, "response");
             let mut called = version
-                .on_response(std::mem::replace(req, placeholder()), take_resp(resp))
+                .on_response(std::mem::replace(req, placeholder()), take_resp(resp), ex)
                 .await;
             let grants = &version.policy.grants;
             let result = std::mem::replace(&mut called.result, Err(FilterFailure::Missing));
@@ -296,6 +340,7 @@ impl Chain {
         req: &mut RequestHead,
         resp: &mut ResponseHead,
         mut body: Bytes,
+        ex: Option<&SharedExchange>,
     ) -> Bytes {
         for step in self.steps[..ran].iter().rev() {
             let Some(version) = usable(step).filter(|v| v.caps.response_body) else {
@@ -307,6 +352,7 @@ impl Chain {
                     std::mem::replace(req, placeholder()),
                     take_resp(resp),
                     body.clone(),
+                    ex,
                 )
                 .await;
             let result = std::mem::replace(&mut called.result, Err(FilterFailure::Missing));
@@ -345,7 +391,7 @@ impl Chain {
 /// An action the manifest does not grant: counted and logged with the
 /// filter, then treated as an invalid action.
 fn denied(step: &Step, what: &'static str, reason: String) -> FilterFailure {
-    metrics::counter!("sluicegate_filter_denied_total", "filter" => step.name.to_string(), "what" => what).increment(1);
+    super::host_api::denied(&step.name, what);
     tracing::warn!(filter = %step.name, "filter action refused by its policy: {reason}");
     FilterFailure::Invalid(reason)
 }
@@ -423,7 +469,7 @@ fn usable(step: &Step) -> Option<&Arc<FilterVersion>> {
 }
 
 /// Apply the failure policy: `Some(500)` for fail-closed, `None` to skip.
-fn fail(step: &Step, failure: &FilterFailure) -> Option<Response<ProxyBody>> {
+pub(crate) fn fail(step: &Step, failure: &FilterFailure) -> Option<Response<ProxyBody>> {
     let failure = match (&step.version, failure) {
         (Some(v), FilterFailure::Missing) if v.stats.quarantined() => &FilterFailure::Quarantined,
         _ => failure,
@@ -454,7 +500,7 @@ fn fail(step: &Step, failure: &FilterFailure) -> Option<Response<ProxyBody>> {
 }
 
 /// Build a response from a filter's local response, checking every part.
-fn local_response(local: LocalResponse) -> Result<Response<ProxyBody>, String> {
+pub(crate) fn local_response(local: Local) -> Result<Response<ProxyBody>, String> {
     let status = StatusCode::from_u16(local.status)
         .map_err(|_| format!("invalid status {}", local.status))?;
     if local.headers.len() > MAX_HEADER_FIELDS {
@@ -473,7 +519,7 @@ fn local_response(local: LocalResponse) -> Result<Response<ProxyBody>, String> {
             return Err(format!("header {n} too long"));
         }
         let v =
-            HeaderValue::from_str(&value).map_err(|_| format!("invalid value for header {n}"))?;
+            HeaderValue::from_bytes(&value).map_err(|_| format!("invalid value for header {n}"))?;
         resp.headers_mut().append(n, v);
     }
     resp.headers_mut().remove(http::header::CONTENT_LENGTH);

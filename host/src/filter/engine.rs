@@ -91,6 +91,13 @@ impl FilterEngine {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
         Filter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(anyhow::Error::from)?;
+        // Contract 0.2 beside 0.1: a component imports one or the other
+        // (or, built with both SDK modules, both).
+        super::bindings_v2::Filter::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(anyhow::Error::from)?;
 
         let weak = engine.weak();
         std::thread::Builder::new()

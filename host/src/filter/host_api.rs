@@ -12,9 +12,13 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::sluicegate::filter::{env, kv, log, metrics as wit_metrics, types};
+use super::exchange::SharedExchange;
 use super::kv::KvStore;
 use super::stdio::{LogStdio, Stdio};
 use crate::config::{header_listed, Grants};
+
+mod v2;
+pub use v2::{checked_field, request_info_of, ExchangeHandle, Fields, EXCHANGE_REP};
 
 /// Longest header value a filter may set, bytes.
 pub const MAX_HEADER_VALUE: usize = 16 * 1024;
@@ -50,15 +54,36 @@ pub struct FilterContext {
     /// Its key-value namespace.
     pub kv: Arc<KvStore>,
     counters: Mutex<HashMap<String, metrics::Counter>>,
+    /// 0.2's labelled series (counted with `counters` against
+    /// `max_metrics`).
+    series: Mutex<HashMap<v2::SeriesKey, v2::Series>>,
 }
 
 impl FilterContext {
+    /// The metric series the filter has made, `name{labels}` (for
+    /// `sluicegate filter test`).
+    pub fn series_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .counters
+            .lock()
+            .keys()
+            .map(|n| format!("counter {n}"))
+            .collect();
+        for (kind, name, labels) in self.series.lock().keys() {
+            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            out.push(format!("{kind:?} {name}{{{}}}", labels.join(",")).to_lowercase());
+        }
+        out.sort();
+        out
+    }
+
     /// A context for `name` with its KV namespace.
     pub fn new(name: Arc<str>, kv: Arc<KvStore>) -> FilterContext {
         FilterContext {
             name,
             kv,
             counters: Mutex::new(HashMap::new()),
+            series: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -84,20 +109,29 @@ pub struct HostState {
     pub edits: Edits,
     /// CPU accounting of the call in progress (see `compute`).
     pub meter: super::compute::CallMeter,
+    /// The request's exchange, lent to a 0.2 call (see `exchange`).
+    pub exchange: Option<SharedExchange>,
 }
 
 impl HostState {
     /// Lend the heads to the call about to run (see [`Lent`]); its undo
     /// log starts empty.
-    pub fn lend(&mut self, req: RequestHead, resp: Option<ResponseHead>) {
+    pub fn lend(
+        &mut self,
+        req: RequestHead,
+        resp: Option<ResponseHead>,
+        exchange: Option<SharedExchange>,
+    ) {
         self.lent_request = Some(req);
         self.lent_response = resp;
+        self.exchange = exchange;
         self.edits = Edits::default();
     }
 
     /// Take the heads back after the call, with its undo log. A head is
     /// missing only if the guest somehow never had it lent.
     pub fn take_back(&mut self) -> (Option<RequestHead>, Option<ResponseHead>, Edits) {
+        self.exchange = None;
         (
             self.lent_request.take(),
             self.lent_response.take(),
@@ -121,6 +155,7 @@ impl HostState {
             grants,
             edits: Edits::default(),
             meter,
+            exchange: None,
             wasi: WasiCtx::builder()
                 .stdout(LogStdio::new(ctx.name.clone(), Stdio::Stdout))
                 .stderr(LogStdio::new(ctx.name.clone(), Stdio::Stderr))
@@ -225,7 +260,7 @@ fn all(headers: &HeaderMap, name: &str) -> Vec<String> {
 }
 
 /// Count an action the manifest refused, by filter and kind.
-fn denied(filter: &str, what: &'static str) {
+pub(crate) fn denied(filter: &str, what: &'static str) {
     metrics::counter!("sluicegate_filter_denied_total", "filter" => filter.to_string(), "what" => what).increment(1);
 }
 
@@ -241,7 +276,12 @@ enum Side {
 enum Undo {
     Header(Side, HeaderName, Vec<HeaderValue>),
     Uri(http::Uri),
+    Method(http::Method),
     Status(http::StatusCode),
+    /// A local's previous value (0.2).
+    Local(SharedExchange, Arc<str>, String, Option<Vec<u8>>),
+    /// Deferred response edits from this index on (0.2).
+    Deferred(SharedExchange, usize),
 }
 
 /// The undo log of one call's head edits. A filter's edits take effect
@@ -284,11 +324,18 @@ impl Edits {
                         h.parts.uri = uri;
                     }
                 }
+                Undo::Method(method) => {
+                    if let Some(h) = req.as_deref_mut() {
+                        h.parts.method = method;
+                    }
+                }
                 Undo::Status(status) => {
                     if let Some(h) = resp.as_deref_mut() {
                         h.parts.status = status;
                     }
                 }
+                Undo::Local(ex, filter, key, old) => ex.lock().restore_local(&filter, key, old),
+                Undo::Deferred(ex, from) => ex.lock().deferred.truncate(from),
             }
         }
     }
@@ -462,6 +509,30 @@ impl HostState {
     }
 }
 
+impl HostState {
+    /// Replace the request's path and query (both contracts' `set-path`).
+    fn replace_path(&mut self, r: &Resource<RequestHead>, path: &str) -> Wr<Result<(), String>> {
+        if !path.starts_with('/') {
+            return Ok(Err(format!("path {path:?} must start with '/'")));
+        }
+        let pq = match http::uri::PathAndQuery::try_from(path) {
+            Ok(pq) => pq,
+            Err(e) => return Ok(Err(format!("invalid path {path:?}: {e}"))),
+        };
+        let head = self.req_mut(r)?;
+        let mut parts = head.parts.uri.clone().into_parts();
+        parts.path_and_query = Some(pq);
+        match http::Uri::from_parts(parts) {
+            Ok(uri) => {
+                let old = std::mem::replace(&mut head.parts.uri, uri);
+                self.edits.0.push(Undo::Uri(old));
+                Ok(Ok(()))
+            }
+            Err(e) => Ok(Err(format!("invalid path {path:?}: {e}"))),
+        }
+    }
+}
+
 impl types::Host for HostState {}
 
 impl types::HostRequestHead for HostState {
@@ -477,24 +548,7 @@ impl types::HostRequestHead for HostState {
             .to_string())
     }
     fn set_path(&mut self, r: Resource<RequestHead>, path: String) -> Wr<Result<(), String>> {
-        if !path.starts_with('/') {
-            return Ok(Err(format!("path {path:?} must start with '/'")));
-        }
-        let pq = match http::uri::PathAndQuery::try_from(path.as_str()) {
-            Ok(pq) => pq,
-            Err(e) => return Ok(Err(format!("invalid path {path:?}: {e}"))),
-        };
-        let head = self.req_mut(&r)?;
-        let mut parts = head.parts.uri.clone().into_parts();
-        parts.path_and_query = Some(pq);
-        match http::Uri::from_parts(parts) {
-            Ok(uri) => {
-                let old = std::mem::replace(&mut head.parts.uri, uri);
-                self.edits.0.push(Undo::Uri(old));
-                Ok(Ok(()))
-            }
-            Err(e) => Ok(Err(format!("invalid path {path:?}: {e}"))),
-        }
+        self.replace_path(&r, &path)
     }
     fn authority(&mut self, r: Resource<RequestHead>) -> Wr<Option<String>> {
         let head = self.req(&r)?;

@@ -15,14 +15,16 @@ use wasmtime::component::{
 };
 use wasmtime::{Store, Trap, UpdateDeadline};
 
-use super::bindings::sluicegate::filter::types::{
-    BodyAction, Capabilities, RequestAction, ResponseAction,
-};
+use super::action::{BodyAction, Caps, RequestAction, ResponseAction};
+use super::bindings::sluicegate::filter::types as v1;
 use super::bindings::FilterPre;
+use super::bindings_v2::sluicegate::filter::types as v2;
 use super::compute::{CallMeter, Demotion, Metered, Verdict};
 use super::engine::FilterEngine;
+use super::exchange::SharedExchange;
 use super::host_api::{
-    Edits, FilterContext, HostState, Lent, RequestHead, ResponseHead, MEMORY_CAP_ERROR,
+    Edits, ExchangeHandle, FilterContext, HostState, Lent, RequestHead, ResponseHead, EXCHANGE_REP,
+    MEMORY_CAP_ERROR,
 };
 use super::stats::FilterStats;
 use crate::config::{FilterPolicy, Isolation};
@@ -33,6 +35,8 @@ const POOL_SIZE: usize = 64;
 const MEMORY_MARK_DIVISOR: usize = 2;
 /// The handler interface every 0.1 filter exports.
 const HANDLER: &str = "sluicegate:filter/handler@0.1.0";
+/// The handler interface every 0.2 filter exports.
+const HANDLER_V2: &str = "sluicegate:filter/handler@0.2.0";
 
 /// Why a filter call did not produce an action.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -65,46 +69,115 @@ pub enum FilterFailure {
     Instantiate(String),
 }
 
+/// Which contract a component speaks, told by the handler it exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Contract {
+    /// `sluicegate:filter/handler@0.1.0`.
+    #[serde(rename = "0.1")]
+    V1,
+    /// `sluicegate:filter/handler@0.2.0`.
+    #[serde(rename = "0.2")]
+    V2,
+}
+
+impl Contract {
+    /// `0.1` or `0.2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Contract::V1 => "0.1",
+            Contract::V2 => "0.2",
+        }
+    }
+}
+
 /// The handler's exports, looked up once per version.
 struct Exports {
+    contract: Contract,
     init: ComponentExportIndex,
-    on_request: ComponentExportIndex,
-    on_request_body: ComponentExportIndex,
-    on_response: ComponentExportIndex,
-    on_response_body: ComponentExportIndex,
+    /// In the order of [`PHASES_V1`] or [`PHASES_V2`].
+    phases: Vec<ComponentExportIndex>,
 }
+
+const PHASES_V1: [&str; 4] = [
+    "on-request",
+    "on-request-body",
+    "on-response",
+    "on-response-body",
+];
+const PHASES_V2: [&str; 7] = [
+    "on-request",
+    "on-request-body",
+    "on-response",
+    "on-response-body",
+    "on-request-chunk",
+    "on-response-chunk",
+    "on-log",
+];
 
 impl Exports {
     fn new(component: &Component) -> anyhow::Result<Exports> {
-        let iface = component
-            .get_export_index(None, HANDLER)
-            .ok_or_else(|| anyhow::anyhow!("the component does not export {HANDLER}"))?;
+        // 0.2 first: a component built with both SDK modules exports the
+        // newer handler.
+        let (contract, handler, names): (_, _, &[&str]) =
+            if component.get_export_index(None, HANDLER_V2).is_some() {
+                (Contract::V2, HANDLER_V2, &PHASES_V2)
+            } else {
+                (Contract::V1, HANDLER, &PHASES_V1)
+            };
+        let iface = component.get_export_index(None, handler).ok_or_else(|| {
+            anyhow::anyhow!("the component exports neither {HANDLER_V2} nor {HANDLER}")
+        })?;
         let get = |name: &str| {
             component
                 .get_export_index(Some(&iface), name)
-                .ok_or_else(|| anyhow::anyhow!("{HANDLER} has no {name:?}"))
+                .ok_or_else(|| anyhow::anyhow!("{handler} has no {name:?}"))
         };
         Ok(Exports {
+            contract,
             init: get("init")?,
-            on_request: get("on-request")?,
-            on_request_body: get("on-request-body")?,
-            on_response: get("on-response")?,
-            on_response_body: get("on-response-body")?,
+            phases: names
+                .iter()
+                .map(|n| get(n))
+                .collect::<anyhow::Result<_>>()?,
         })
     }
 }
 
-type InitFunc = TypedFunc<(String,), (Result<Capabilities, String>,)>;
-type RequestFunc = TypedFunc<(Resource<RequestHead>,), (RequestAction,)>;
-type ResponseFunc = TypedFunc<(Resource<RequestHead>, Resource<ResponseHead>), (ResponseAction,)>;
+type InitFunc = TypedFunc<(String,), (Result<v1::Capabilities, String>,)>;
+type InitFunc2 = TypedFunc<(String,), (Result<v2::Phases, String>,)>;
+type RequestFunc = TypedFunc<(Resource<RequestHead>,), (v1::RequestAction,)>;
+type ResponseFunc =
+    TypedFunc<(Resource<RequestHead>, Resource<ResponseHead>), (v1::ResponseAction,)>;
+type RequestFunc2 =
+    TypedFunc<(Resource<ExchangeHandle>, Resource<RequestHead>), (v2::RequestAction,)>;
+type ResponseFunc2 = TypedFunc<
+    (
+        Resource<ExchangeHandle>,
+        Resource<RequestHead>,
+        Resource<ResponseHead>,
+    ),
+    (v2::ResponseAction,),
+>;
+type LogFunc2 = TypedFunc<(Resource<ExchangeHandle>, v2::LogEntry), ()>;
 
-/// One instance's entry points. The body phases take a borrowed list, so
-/// they are typed at the call (a cheap check, on the rare body path).
-struct Funcs {
-    on_request: RequestFunc,
-    on_response: ResponseFunc,
-    on_request_body: Func,
-    on_response_body: Func,
+/// One instance's entry points. The phases that take a borrowed list are
+/// typed at the call (a cheap check, on the rarer body paths).
+enum Funcs {
+    V1 {
+        on_request: RequestFunc,
+        on_response: ResponseFunc,
+        on_request_body: Func,
+        on_response_body: Func,
+    },
+    V2 {
+        on_request: RequestFunc2,
+        on_response: ResponseFunc2,
+        on_request_body: Func,
+        on_response_body: Func,
+        on_request_chunk: Func,
+        on_response_chunk: Func,
+        on_log: LogFunc2,
+    },
 }
 
 /// An instance ready to be called.
@@ -120,6 +193,9 @@ enum Args {
     RequestBody(Bytes),
     Response,
     ResponseBody(Bytes),
+    RequestChunk(Bytes, bool),
+    ResponseChunk(Bytes, bool),
+    Log(v2::LogEntry),
 }
 
 impl Args {
@@ -129,6 +205,9 @@ impl Args {
             Args::RequestBody(_) => "request_body",
             Args::Response => "response",
             Args::ResponseBody(_) => "response_body",
+            Args::RequestChunk(..) => "request_chunk",
+            Args::ResponseChunk(..) => "response_chunk",
+            Args::Log(_) => "log",
         }
     }
 }
@@ -138,6 +217,7 @@ enum Output {
     Request(RequestAction),
     Response(ResponseAction),
     Body(BodyAction),
+    Log,
 }
 
 fn req_handle() -> Resource<RequestHead> {
@@ -148,62 +228,169 @@ fn resp_handle() -> Resource<ResponseHead> {
     Resource::new_borrow(ResponseHead::REP)
 }
 
+fn ex_handle() -> Resource<ExchangeHandle> {
+    Resource::new_borrow(EXCHANGE_REP)
+}
+
 type BodyParams<'a> = (Resource<RequestHead>, &'a [u8]);
 type BothBodyParams<'a> = (Resource<RequestHead>, Resource<ResponseHead>, &'a [u8]);
+type BodyParams2<'a> = (Resource<ExchangeHandle>, Resource<RequestHead>, &'a [u8]);
+type BothBodyParams2<'a> = (
+    Resource<ExchangeHandle>,
+    Resource<RequestHead>,
+    Resource<ResponseHead>,
+    &'a [u8],
+);
+type ChunkParams<'a> = (Resource<ExchangeHandle>, &'a [u8], bool);
+
+/// The call for `args` on `warm`'s functions, made with `$invoke` (the
+/// sync or the async call); one table for both paths.
+macro_rules! dispatch {
+    ($warm:expr, $args:expr, $invoke:ident) => {{
+        let store = &mut $warm.store;
+        match (&$warm.funcs, $args) {
+            (Funcs::V1 { on_request, .. }, Args::Request) => {
+                Output::Request($invoke!(on_request, store, (req_handle(),)).0.into())
+            }
+            (Funcs::V1 { on_response, .. }, Args::Response) => Output::Response(
+                $invoke!(on_response, store, (req_handle(), resp_handle()))
+                    .0
+                    .into(),
+            ),
+            (
+                Funcs::V1 {
+                    on_request_body, ..
+                },
+                Args::RequestBody(body),
+            ) => {
+                let func = on_request_body.typed::<BodyParams<'_>, (v1::BodyAction,)>(&*store)?;
+                Output::Body(
+                    $invoke!(func, store, (req_handle(), body.as_ref()))
+                        .0
+                        .into(),
+                )
+            }
+            (
+                Funcs::V1 {
+                    on_response_body, ..
+                },
+                Args::ResponseBody(body),
+            ) => {
+                let func =
+                    on_response_body.typed::<BothBodyParams<'_>, (v1::BodyAction,)>(&*store)?;
+                Output::Body(
+                    $invoke!(func, store, (req_handle(), resp_handle(), body.as_ref()))
+                        .0
+                        .into(),
+                )
+            }
+            (Funcs::V2 { on_request, .. }, Args::Request) => Output::Request(
+                $invoke!(on_request, store, (ex_handle(), req_handle()))
+                    .0
+                    .into(),
+            ),
+            (Funcs::V2 { on_response, .. }, Args::Response) => Output::Response(
+                $invoke!(
+                    on_response,
+                    store,
+                    (ex_handle(), req_handle(), resp_handle())
+                )
+                .0
+                .into(),
+            ),
+            (
+                Funcs::V2 {
+                    on_request_body, ..
+                },
+                Args::RequestBody(body),
+            ) => {
+                let func = on_request_body.typed::<BodyParams2<'_>, (v2::BodyAction,)>(&*store)?;
+                Output::Body(
+                    $invoke!(func, store, (ex_handle(), req_handle(), body.as_ref()))
+                        .0
+                        .into(),
+                )
+            }
+            (
+                Funcs::V2 {
+                    on_response_body, ..
+                },
+                Args::ResponseBody(body),
+            ) => {
+                let func =
+                    on_response_body.typed::<BothBodyParams2<'_>, (v2::BodyAction,)>(&*store)?;
+                Output::Body(
+                    $invoke!(
+                        func,
+                        store,
+                        (ex_handle(), req_handle(), resp_handle(), body.as_ref())
+                    )
+                    .0
+                    .into(),
+                )
+            }
+            (
+                Funcs::V2 {
+                    on_request_chunk, ..
+                },
+                Args::RequestChunk(chunk, end),
+            ) => {
+                let func =
+                    on_request_chunk.typed::<ChunkParams<'_>, (v2::ChunkAction,)>(&*store)?;
+                Output::Body(
+                    $invoke!(func, store, (ex_handle(), chunk.as_ref(), *end))
+                        .0
+                        .into(),
+                )
+            }
+            (
+                Funcs::V2 {
+                    on_response_chunk, ..
+                },
+                Args::ResponseChunk(chunk, end),
+            ) => {
+                let func =
+                    on_response_chunk.typed::<ChunkParams<'_>, (v2::ChunkAction,)>(&*store)?;
+                Output::Body(
+                    $invoke!(func, store, (ex_handle(), chunk.as_ref(), *end))
+                        .0
+                        .into(),
+                )
+            }
+            (Funcs::V2 { on_log, .. }, Args::Log(entry)) => {
+                $invoke!(on_log, store, (ex_handle(), *entry));
+                Output::Log
+            }
+            (Funcs::V1 { .. }, _) => {
+                return Err(wasmtime::format_err!(
+                    "a 0.1 filter has no {} phase",
+                    $args.phase()
+                ))
+            }
+        }
+    }};
+}
+
+macro_rules! sync_call {
+    ($f:expr, $store:expr, $params:expr) => {
+        $f.call(&mut *$store, $params)?
+    };
+}
+
+macro_rules! async_call {
+    ($f:expr, $store:expr, $params:expr) => {
+        $f.call_async(&mut *$store, $params).await?
+    };
+}
 
 /// Make the call, synchronously, on this thread.
 fn run_sync(warm: &mut Warm, args: &Args) -> wasmtime::Result<Output> {
-    let store = &mut warm.store;
-    let f = &warm.funcs;
-    Ok(match args {
-        Args::Request => Output::Request(f.on_request.call(store, (req_handle(),))?.0),
-        Args::Response => {
-            Output::Response(f.on_response.call(store, (req_handle(), resp_handle()))?.0)
-        }
-        Args::RequestBody(body) => {
-            let func = f
-                .on_request_body
-                .typed::<BodyParams<'_>, (BodyAction,)>(&*store)?;
-            Output::Body(func.call(store, (req_handle(), body))?.0)
-        }
-        Args::ResponseBody(body) => {
-            let func = f
-                .on_response_body
-                .typed::<BothBodyParams<'_>, (BodyAction,)>(&*store)?;
-            Output::Body(func.call(store, (req_handle(), resp_handle(), body))?.0)
-        }
-    })
+    Ok(dispatch!(warm, args, sync_call))
 }
 
 /// Make the call as an async call (it yields at every epoch tick).
 async fn run_async(warm: &mut Warm, args: &Args) -> wasmtime::Result<Output> {
-    let store = &mut warm.store;
-    let f = &warm.funcs;
-    Ok(match args {
-        Args::Request => Output::Request(f.on_request.call_async(store, (req_handle(),)).await?.0),
-        Args::Response => Output::Response(
-            f.on_response
-                .call_async(store, (req_handle(), resp_handle()))
-                .await?
-                .0,
-        ),
-        Args::RequestBody(body) => {
-            let func = f
-                .on_request_body
-                .typed::<BodyParams<'_>, (BodyAction,)>(&*store)?;
-            Output::Body(func.call_async(store, (req_handle(), body)).await?.0)
-        }
-        Args::ResponseBody(body) => {
-            let func = f
-                .on_response_body
-                .typed::<BothBodyParams<'_>, (BodyAction,)>(&*store)?;
-            Output::Body(
-                func.call_async(store, (req_handle(), resp_handle(), body))
-                    .await?
-                    .0,
-            )
-        }
-    })
+    Ok(dispatch!(warm, args, async_call))
 }
 
 /// Epoch ticks for a deadline of `ms`: the guest is cut between `ms` and
@@ -222,7 +409,9 @@ pub struct FilterVersion {
     /// When this version went live.
     pub loaded_at: SystemTime,
     /// The phases it asked for.
-    pub caps: Capabilities,
+    pub caps: Caps,
+    /// The contract it speaks.
+    pub contract: Contract,
     /// Limits, failure policy and grants.
     pub policy: FilterPolicy,
     /// Counters shared by every version of this filter name.
@@ -277,9 +466,17 @@ impl FilterVersion {
             .linker
             .instantiate_pre(component)
             .map_err(anyhow::Error::from)?;
-        // Checks every export against the world (names and types).
-        FilterPre::new(instance_pre.clone()).map_err(anyhow::Error::from)?;
         let exports = Exports::new(component)?;
+        // Checks every export against its world (names and types).
+        match exports.contract {
+            Contract::V1 => {
+                drop(FilterPre::new(instance_pre.clone()).map_err(anyhow::Error::from)?)
+            }
+            Contract::V2 => drop(
+                super::bindings_v2::FilterPre::new(instance_pre.clone())
+                    .map_err(anyhow::Error::from)?,
+            ),
+        }
         ctx.kv
             .set_limits(policy.grants.kv_max_entries, policy.grants.kv_max_bytes);
         stats
@@ -289,12 +486,8 @@ impl FilterVersion {
             name: ctx.name.clone(),
             hash,
             loaded_at: SystemTime::now(),
-            caps: Capabilities {
-                request_phase: false,
-                response_phase: false,
-                request_body: false,
-                response_body: false,
-            },
+            caps: Caps::default(),
+            contract: exports.contract,
             grants: Arc::new(policy.grants.clone()),
             policy,
             stats,
@@ -319,6 +512,11 @@ impl FilterVersion {
         Ok(version)
     }
 
+    /// The metric series its calls have made (see `FilterContext`).
+    pub fn metric_series(&self) -> Vec<String> {
+        self.ctx.series_names()
+    }
+
     /// The JSON config its instances are initialised with.
     pub fn init_config(&self) -> &str {
         &self.init_config
@@ -341,7 +539,7 @@ impl FilterVersion {
     /// that preempts the thread must not fail a filter's start-up. It is
     /// still bounded: a guest that spins in `init` is cut off and the
     /// version refused (or, on the data path, the call fails by policy).
-    fn instantiate(&self) -> Result<(Warm, Capabilities), FilterFailure> {
+    fn instantiate(&self) -> Result<(Warm, Caps), FilterFailure> {
         let cap = (self.policy.memory_mb as usize) << 20;
         let meter = CallMeter::new(self.slow.clone());
         let state = HostState::new(self.ctx.clone(), self.grants.clone(), cap, meter);
@@ -368,14 +566,28 @@ impl FilterVersion {
         let funcs = self
             .funcs(&mut store, &instance)
             .map_err(|e| self.classify(&e, "instantiate"))?;
-        let init: InitFunc = instance
-            .get_typed_func(&mut store, self.exports.init)
-            .map_err(|e| self.classify(&e, "instantiate"))?;
-        let caps = init
-            .call(&mut store, (self.init_config.clone(),))
-            .map_err(|e| self.classify(&e, "init"))?
-            .0
-            .map_err(|msg| FilterFailure::Instantiate(format!("init failed: {msg}")))?;
+        let config = (self.init_config.clone(),);
+        let caps: Caps = match self.exports.contract {
+            Contract::V1 => {
+                let init: InitFunc = instance
+                    .get_typed_func(&mut store, self.exports.init)
+                    .map_err(|e| self.classify(&e, "instantiate"))?;
+                init.call(&mut store, config)
+                    .map_err(|e| self.classify(&e, "init"))?
+                    .0
+                    .map(Caps::from)
+            }
+            Contract::V2 => {
+                let init: InitFunc2 = instance
+                    .get_typed_func(&mut store, self.exports.init)
+                    .map_err(|e| self.classify(&e, "instantiate"))?;
+                init.call(&mut store, config)
+                    .map_err(|e| self.classify(&e, "init"))?
+                    .0
+                    .map(Caps::from)
+            }
+        }
+        .map_err(|msg| FilterFailure::Instantiate(format!("init failed: {msg}")))?;
         self.created.fetch_add(1, Ordering::Relaxed);
         Ok((
             Warm {
@@ -388,17 +600,28 @@ impl FilterVersion {
     }
 
     fn funcs(&self, store: &mut Store<HostState>, instance: &Instance) -> wasmtime::Result<Funcs> {
-        let e = &self.exports;
+        let p = &self.exports.phases;
         let func = |store: &mut Store<HostState>, idx| {
             instance
                 .get_func(&mut *store, idx)
                 .ok_or_else(|| wasmtime::format_err!("missing export"))
         };
-        Ok(Funcs {
-            on_request: instance.get_typed_func(&mut *store, e.on_request)?,
-            on_response: instance.get_typed_func(&mut *store, e.on_response)?,
-            on_request_body: func(store, e.on_request_body)?,
-            on_response_body: func(store, e.on_response_body)?,
+        Ok(match self.exports.contract {
+            Contract::V1 => Funcs::V1 {
+                on_request: instance.get_typed_func(&mut *store, p[0])?,
+                on_request_body: func(store, p[1])?,
+                on_response: instance.get_typed_func(&mut *store, p[2])?,
+                on_response_body: func(store, p[3])?,
+            },
+            Contract::V2 => Funcs::V2 {
+                on_request: instance.get_typed_func(&mut *store, p[0])?,
+                on_request_body: func(store, p[1])?,
+                on_response: instance.get_typed_func(&mut *store, p[2])?,
+                on_response_body: func(store, p[3])?,
+                on_request_chunk: func(store, p[4])?,
+                on_response_chunk: func(store, p[5])?,
+                on_log: instance.get_typed_func(&mut *store, p[6])?,
+            },
         })
     }
 
@@ -449,6 +672,7 @@ impl FilterVersion {
         args: Args,
         req: RequestHead,
         resp: Option<ResponseHead>,
+        ex: Option<&SharedExchange>,
         inline: bool,
     ) -> Called<Output> {
         let phase = args.phase();
@@ -477,7 +701,12 @@ impl FilterVersion {
         };
         {
             let state = warm.store.data_mut();
-            state.lend(req, resp);
+            // Only a 0.2 call takes the exchange (a clone of its Arc).
+            let ex = match self.contract {
+                Contract::V2 => ex.cloned(),
+                Contract::V1 => None,
+            };
+            state.lend(req, resp, ex);
         }
         let (mut warm, result, cpu) = if inline || !self.is_slow() {
             warm.store
@@ -563,17 +792,25 @@ impl FilterVersion {
     }
 
     /// The request phase.
-    pub async fn on_request(&self, head: RequestHead) -> Called<RequestAction> {
-        let c = self.call(Args::Request, head, None, false).await;
-        map(c, |o| match o {
-            Output::Request(a) => Some(a),
-            _ => None,
-        })
+    pub async fn on_request(
+        &self,
+        head: RequestHead,
+        ex: Option<&SharedExchange>,
+    ) -> Called<RequestAction> {
+        let c = self.call(Args::Request, head, None, ex, false).await;
+        map(c, request_output)
     }
 
     /// The request body phase.
-    pub async fn on_request_body(&self, head: RequestHead, body: Bytes) -> Called<BodyAction> {
-        let c = self.call(Args::RequestBody(body), head, None, false).await;
+    pub async fn on_request_body(
+        &self,
+        head: RequestHead,
+        body: Bytes,
+        ex: Option<&SharedExchange>,
+    ) -> Called<BodyAction> {
+        let c = self
+            .call(Args::RequestBody(body), head, None, ex, false)
+            .await;
         map(c, body_output)
     }
 
@@ -582,12 +819,10 @@ impl FilterVersion {
         &self,
         req: RequestHead,
         resp: ResponseHead,
+        ex: Option<&SharedExchange>,
     ) -> Called<ResponseAction> {
-        let c = self.call(Args::Response, req, Some(resp), false).await;
-        map(c, |o| match o {
-            Output::Response(a) => Some(a),
-            _ => None,
-        })
+        let c = self.call(Args::Response, req, Some(resp), ex, false).await;
+        map(c, response_output)
     }
 
     /// The response body phase.
@@ -596,25 +831,68 @@ impl FilterVersion {
         req: RequestHead,
         resp: ResponseHead,
         body: Bytes,
+        ex: Option<&SharedExchange>,
     ) -> Called<BodyAction> {
         let c = self
-            .call(Args::ResponseBody(body), req, Some(resp), false)
+            .call(Args::ResponseBody(body), req, Some(resp), ex, false)
             .await;
         map(c, body_output)
     }
 
+    /// One chunk of a streaming body (0.2): `response` picks the phase.
+    /// No head is lent; a failed call's edits (locals) are undone here.
+    pub async fn on_chunk(
+        &self,
+        response: bool,
+        chunk: Bytes,
+        end: bool,
+        ex: &SharedExchange,
+    ) -> Result<BodyAction, FilterFailure> {
+        let args = if response {
+            Args::ResponseChunk(chunk, end)
+        } else {
+            Args::RequestChunk(chunk, end)
+        };
+        let mut c = map(
+            self.call(args, placeholder(), None, Some(ex), false).await,
+            body_output,
+        );
+        if c.result.is_err() {
+            c.revert();
+        }
+        c.result
+    }
+
+    /// The log phase (0.2), once the response body has ended.
+    pub async fn on_log(
+        &self,
+        entry: v2::LogEntry,
+        ex: &SharedExchange,
+    ) -> Result<(), FilterFailure> {
+        let c = self
+            .call(Args::Log(entry), placeholder(), None, Some(ex), false)
+            .await;
+        c.result.map(|_| ())
+    }
+
     /// The request phase, always on this thread (for `sluicegate filter`).
-    pub fn on_request_inline(&self, head: RequestHead) -> Called<RequestAction> {
-        let c = block_inline(self.call(Args::Request, head, None, true));
-        map(c, |o| match o {
-            Output::Request(a) => Some(a),
-            _ => None,
-        })
+    pub fn on_request_inline(
+        &self,
+        head: RequestHead,
+        ex: Option<&SharedExchange>,
+    ) -> Called<RequestAction> {
+        let c = block_inline(self.call(Args::Request, head, None, ex, true));
+        map(c, request_output)
     }
 
     /// The request body phase, always on this thread.
-    pub fn on_request_body_inline(&self, head: RequestHead, body: Bytes) -> Called<BodyAction> {
-        let c = block_inline(self.call(Args::RequestBody(body), head, None, true));
+    pub fn on_request_body_inline(
+        &self,
+        head: RequestHead,
+        body: Bytes,
+        ex: Option<&SharedExchange>,
+    ) -> Called<BodyAction> {
+        let c = block_inline(self.call(Args::RequestBody(body), head, None, ex, true));
         map(c, body_output)
     }
 
@@ -623,12 +901,10 @@ impl FilterVersion {
         &self,
         req: RequestHead,
         resp: ResponseHead,
+        ex: Option<&SharedExchange>,
     ) -> Called<ResponseAction> {
-        let c = block_inline(self.call(Args::Response, req, Some(resp), true));
-        map(c, |o| match o {
-            Output::Response(a) => Some(a),
-            _ => None,
-        })
+        let c = block_inline(self.call(Args::Response, req, Some(resp), ex, true));
+        map(c, response_output)
     }
 
     /// The response body phase, always on this thread.
@@ -637,9 +913,34 @@ impl FilterVersion {
         req: RequestHead,
         resp: ResponseHead,
         body: Bytes,
+        ex: Option<&SharedExchange>,
     ) -> Called<BodyAction> {
-        let c = block_inline(self.call(Args::ResponseBody(body), req, Some(resp), true));
+        let c = block_inline(self.call(Args::ResponseBody(body), req, Some(resp), ex, true));
         map(c, body_output)
+    }
+
+    /// The log phase, always on this thread.
+    pub fn on_log_inline(
+        &self,
+        entry: v2::LogEntry,
+        ex: &SharedExchange,
+    ) -> Result<(), FilterFailure> {
+        let c = block_inline(self.call(Args::Log(entry), placeholder(), None, Some(ex), true));
+        c.result.map(|_| ())
+    }
+}
+
+fn request_output(o: Output) -> Option<RequestAction> {
+    match o {
+        Output::Request(a) => Some(a),
+        _ => None,
+    }
+}
+
+fn response_output(o: Output) -> Option<ResponseAction> {
+    match o {
+        Output::Response(a) => Some(a),
+        _ => None,
     }
 }
 

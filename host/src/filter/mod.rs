@@ -7,15 +7,18 @@
 //! one instance made and `init` called with its config → live. A version
 //! that fails any step never goes live; the last good one stays.
 
+pub mod action;
 pub mod artifacts;
 pub mod chain;
 pub mod compute;
 pub mod engine;
+pub mod exchange;
 pub mod host_api;
 pub mod instance;
 pub mod kv;
 pub mod stats;
 pub mod stdio;
+pub mod stream;
 pub mod tool;
 
 use std::collections::{BTreeMap, HashMap};
@@ -42,6 +45,22 @@ pub mod bindings {
         with: {
             "sluicegate:filter/types.request-head": super::host_api::RequestHead,
             "sluicegate:filter/types.response-head": super::host_api::ResponseHead,
+        },
+        imports: { default: trappable },
+    });
+}
+
+/// Host bindings generated from `wit/v0.2/filter.wit` (contract 0.2).
+#[allow(missing_docs)]
+pub mod bindings_v2 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.2",
+        world: "filter",
+        with: {
+            "sluicegate:filter/types.request": super::host_api::RequestHead,
+            "sluicegate:filter/types.response": super::host_api::ResponseHead,
+            "sluicegate:filter/types.fields": super::host_api::Fields,
+            "sluicegate:filter/types.exchange": super::host_api::ExchangeHandle,
         },
         imports: { default: trappable },
     });

@@ -8,12 +8,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
-use super::bindings::sluicegate::filter::types::{
-    BodyAction, LocalResponse, RequestAction, ResponseAction,
-};
+use super::action::{BodyAction, Local, RequestAction, ResponseAction};
 use super::engine::FilterEngine;
+use super::exchange::{Exchange, SharedExchange};
 use super::host_api::{FilterContext, RequestHead, ResponseHead};
-use super::instance::FilterVersion;
+use super::instance::{Contract, FilterVersion};
 use super::kv::KvStore;
 use super::stats::FilterStats;
 use crate::config::{FilterPolicy, Isolation, OnError};
@@ -159,10 +158,10 @@ fn print_head(title: &str, first: String, headers: &http::HeaderMap) {
     }
 }
 
-fn print_local(l: &LocalResponse) {
+fn print_local(l: &Local) {
     println!("  status {}", l.status);
     for (n, v) in &l.headers {
-        println!("  {n}: {v}");
+        println!("  {n}: {}", String::from_utf8_lossy(v));
     }
     println!(
         "  body ({} bytes): {}",
@@ -196,6 +195,28 @@ fn response_head(sample: &Sample) -> anyhow::Result<ResponseHead> {
     })
 }
 
+/// A 0.2 filter's exchange for one sample request (none for 0.1).
+fn sample_exchange(version: &FilterVersion, head: &RequestHead) -> Option<SharedExchange> {
+    if version.contract != Contract::V2 {
+        return None;
+    }
+    // The proxy makes a request id for every request, whatever its
+    // filters; here it is made without touching the head.
+    let id = super::exchange::new_request_id();
+    Some(
+        Exchange::new(
+            id,
+            Arc::from("sample"),
+            Arc::from("sample"),
+            head.parts.version,
+            head.client,
+            None,
+            Instant::now(),
+        )
+        .shared(),
+    )
+}
+
 /// Run the phases of `version` over `sample` and print what happened: the
 /// request phase's action and the request head as the upstream would get
 /// it, the request-body phase (if the filter asks for it), and, with a
@@ -203,18 +224,29 @@ fn response_head(sample: &Sample) -> anyhow::Result<ResponseHead> {
 pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
     let caps = &version.caps;
     println!(
-        "filter {} ({}), phases: request={} request-body={} response={} response-body={}",
+        "filter {} ({}, contract {}), phases: request={} request-body={} response={} response-body={} request-chunks={} response-chunks={} log={}",
         version.name,
         &version.hash[..12],
+        version.contract.as_str(),
         caps.request_phase,
         caps.request_body,
         caps.response_phase,
-        caps.response_body
+        caps.response_body,
+        caps.request_chunks,
+        caps.response_chunks,
+        caps.log,
     );
     let mut head = request_head(sample)?;
+    let ex = sample_exchange(version, &head);
+    let ex = ex.as_ref();
+    if let Some(ex) = ex {
+        let info = super::host_api::request_info_of(&ex.lock());
+        println!("request id: {}", info.0);
+        println!("properties: {}", info.1);
+    }
     let mut answered = false;
     if caps.request_phase {
-        let called = version.on_request_inline(head);
+        let called = version.on_request_inline(head, ex);
         head = called.req;
         match called
             .result
@@ -233,7 +265,7 @@ pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
     }
     if caps.request_body && !answered {
         let body = sample.body.clone().unwrap_or_default();
-        let called = version.on_request_body_inline(head, body.into());
+        let called = version.on_request_body_inline(head, body.into(), ex);
         head = called.req;
         let action = called
             .result
@@ -243,10 +275,19 @@ pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
     }
     let line = format!("{} {}", head.parts.method, head.parts.uri);
     print_head("request", line, &head.parts.headers);
+    if let Some(ex) = ex {
+        let ex = ex.lock();
+        if !ex.deferred.is_empty() {
+            println!("deferred response edits: {:?}", ex.deferred);
+        }
+    }
     if sample.response_status.is_some() && !answered {
         let mut resp = response_head(sample)?;
+        if let Some(ex) = ex {
+            ex.lock().apply_deferred(&mut resp.parts.headers);
+        }
         if caps.response_phase {
-            let called = version.on_response_inline(head, resp);
+            let called = version.on_response_inline(head, resp, ex);
             head = called.req;
             resp = called.resp.unwrap_or_else(empty_response);
             match called
@@ -264,7 +305,7 @@ pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
         }
         if caps.response_body {
             let body = sample.response_body.clone().unwrap_or_default();
-            let called = version.on_response_body_inline(head, resp, body.into());
+            let called = version.on_response_body_inline(head, resp, body.into(), ex);
             resp = called.resp.unwrap_or_else(empty_response);
             let action = called
                 .result
@@ -276,6 +317,26 @@ pub fn test(version: &FilterVersion, sample: &Sample) -> anyhow::Result<()> {
             resp.parts.status.to_string(),
             &resp.parts.headers,
         );
+    }
+    if let Some(ex) = ex {
+        if caps.log {
+            let entry = super::bindings_v2::sluicegate::filter::types::LogEntry {
+                status: sample.response_status.unwrap_or(200),
+                bytes_in: sample.body.as_ref().map_or(0, |b| b.len() as u64),
+                bytes_out: sample.response_body.as_ref().map_or(0, |b| b.len() as u64),
+                duration_us: ex.lock().started.elapsed().as_micros() as u64,
+            };
+            version
+                .on_log_inline(entry, ex)
+                .map_err(|f| anyhow::anyhow!("log phase failed: {f}"))?;
+            println!("log phase: ran");
+        }
+        for (k, v) in ex.lock().locals_of(&version.name) {
+            println!("local {k}: {}", String::from_utf8_lossy(&v));
+        }
+    }
+    for series in version.metric_series() {
+        println!("metric {series}");
     }
     Ok(())
 }
@@ -289,15 +350,17 @@ fn one_request(
     mut head: RequestHead,
 ) -> anyhow::Result<RequestHead> {
     let caps = &version.caps;
+    let ex = sample_exchange(version, &head);
+    let ex = ex.as_ref();
     if caps.request_phase {
-        let called = version.on_request_inline(head);
+        let called = version.on_request_inline(head, ex);
         head = called.req;
         if let RequestAction::Respond(_) = called.result.map_err(|f| anyhow::anyhow!("{f}"))? {
             return Ok(head);
         }
     }
     if caps.request_body {
-        let called = version.on_request_body_inline(head, body.clone());
+        let called = version.on_request_body_inline(head, body.clone(), ex);
         head = called.req;
         if let BodyAction::Respond(_) = called.result.map_err(|f| anyhow::anyhow!("{f}"))? {
             return Ok(head);
@@ -305,15 +368,18 @@ fn one_request(
     }
     if caps.response_phase || caps.response_body {
         let mut resp = response_head(sample)?;
+        if let Some(ex) = ex {
+            ex.lock().apply_deferred(&mut resp.parts.headers);
+        }
         if caps.response_phase {
-            let called = version.on_response_inline(head, resp);
+            let called = version.on_response_inline(head, resp, ex);
             head = called.req;
             resp = called.resp.unwrap_or_else(empty_response);
             called.result.map_err(|f| anyhow::anyhow!("{f}"))?;
         }
         if caps.response_body {
             let body = sample.response_body.clone().unwrap_or_default();
-            let called = version.on_response_body_inline(head, resp, body.into());
+            let called = version.on_response_body_inline(head, resp, body.into(), ex);
             head = called.req;
             called.result.map_err(|f| anyhow::anyhow!("{f}"))?;
         }

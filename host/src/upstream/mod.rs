@@ -71,6 +71,43 @@ pub enum ForwardError {
 /// A pooled client that speaks TLS to its endpoints.
 type TlsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
+/// A request extension: record [`Answered`] on the response.
+#[derive(Debug, Clone, Copy)]
+pub struct WantAnswer;
+
+/// A response extension: which endpoint answered, after how many attempts
+/// and how long (set when the request carried [`WantAnswer`]).
+#[derive(Debug, Clone)]
+pub struct Answered {
+    /// The endpoint's address.
+    pub endpoint: Arc<str>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// From sending to the response head.
+    pub latency: std::time::Duration,
+}
+
+/// What a response head says of its answer, for the exchange: the
+/// endpoint (none for a local answer or a cache hit) and the cache's
+/// verdict from its `Cache-Status` member.
+pub fn answer_of(parts: &http::response::Parts) -> crate::filter::exchange::Answer {
+    let cache_hit = parts
+        .headers
+        .get_all(crate::cache::status::CACHE_STATUS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find(|m| m.trim_start().starts_with("sluicegate"))
+        .map(|m| m.split(';').any(|p| p.trim() == "hit"));
+    let answered = parts.extensions.get::<Answered>();
+    crate::filter::exchange::Answer {
+        endpoint: answered.map(|a| a.endpoint.clone()),
+        latency: answered.map(|a| a.latency).unwrap_or_default(),
+        attempts: answered.map(|a| a.attempts).unwrap_or(0),
+        cache_hit,
+    }
+}
+
 /// The upstream client of one worker, with a keep-alive pool per endpoint.
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -139,6 +176,8 @@ impl UpstreamClient {
         key: Option<u64>,
     ) -> Result<Response<ProxyBody>, ForwardError> {
         let replayable = http_body::Body::is_end_stream(req.body());
+        // A 0.2 filter's response and log phases read what answered.
+        let want_answer = req.extensions().get::<WantAnswer>().is_some();
         let idempotent = matches!(
             *req.method(),
             Method::GET
@@ -287,6 +326,14 @@ impl UpstreamClient {
                         })
                     });
                     if ticket.is_none() {
+                        let mut resp = resp;
+                        if want_answer {
+                            resp.extensions_mut().insert(Answered {
+                                endpoint: endpoint.addr.clone(),
+                                attempts: attempt as u32 + 1,
+                                latency: rtt,
+                            });
+                        }
                         return Ok(resp);
                     }
                     _ticket = ticket;
