@@ -15,8 +15,10 @@ use crate::common::{pattern, within, Backend, Cfg, Proxy, TempDir};
 
 /// The body the origin sends for `/obj/<n>`: `len` bytes, different for
 /// each `n` (so that no two share a file: the store is content-addressed).
+/// The pattern shifted by `n` bytes-ish: an offset of `n << 36` would give
+/// every `n` the same bytes (the pattern reads only low bits of offsets).
 fn body_of(n: u64, len: usize) -> Vec<u8> {
-    pattern(n << 36, len)
+    pattern(n * 1_000_003 + 1, len)
 }
 
 /// An origin answering `/obj/<n>?len=<bytes>` with [`body_of`], cacheable
@@ -57,7 +59,7 @@ fn proxy(origin: &Backend, dir: &Path, mem_mb: u64, disk_mb: u64) -> Proxy {
              [cache]\nmax_bytes = {}\nmax_object_bytes = {}\n\n\
              [cache.disk]\npath = {:?}\nmax_size_mb = {disk_mb}\nmax_object_mb = 32\n",
             mem_mb << 20,
-            16u64 << 20,
+            (16u64 << 20).min((mem_mb << 20) / 2),
             dir.display().to_string(),
         ))
         .toml();
