@@ -19,6 +19,12 @@ numbers are cache hits, not proxying. Results: bench/out/cache/results.{md,json}
 `--range`: the same, on a 10 MB object (`/big.bin`, a static file of the backend with
 `max-age=3600`), each request `Range: bytes=1048576-1114111` (64 KiB from 1 MiB); both must answer
 `206` from the store. Results: bench/out/cache-range/.
+
+`--disk`: disk-tier hits. A 1 MiB object (`/mid.bin`, a static file of the backend), whole `GET`s.
+Sluicegate runs with a memory store too small to hold it (`max_object_bytes` 64 KiB) and
+`[cache.disk]` (1 GiB under the work directory), so every hit streams from its disk tier (checked:
+`GET /cache` `disk.hits` grows by the rounds' requests); nginx's `proxy_cache` is its disk cache
+(files, page-cached) as always. Results: bench/out/cache-disk/.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ http {{
     access_log {work / 'backend' / 'access.log'};
     server {{
         listen 127.0.0.1:{port} backlog=4096;
-        location = /big.bin {{
+        location ~ ^/(big|mid)[.]bin$ {{
             root {work / 'backend'};
             add_header Cache-Control "public, max-age=3600" always;
         }}
@@ -84,7 +90,31 @@ http {{
 """
 
 
-def sluicegate_conf(port: int, admin: int, backend: int) -> str:
+def sluicegate_conf(port: int, admin: int, backend: int, disk: Path | None = None) -> str:
+    if disk is not None:
+        return f"""[proxy]
+listen = ["127.0.0.1:{port}"]
+workers = 1
+admin = "127.0.0.1:{admin}"
+
+[[upstream]]
+name = "app"
+endpoints = ["127.0.0.1:{backend}"]
+
+[[route]]
+path_prefix = "/"
+upstream = "app"
+cache = true
+
+[cache]
+max_bytes = 4194304
+max_object_bytes = 65536
+
+[cache.disk]
+path = "{disk}"
+max_size_mb = 1024
+max_object_mb = 16
+"""
     return f"""[proxy]
 listen = ["127.0.0.1:{port}"]
 workers = 1
@@ -140,6 +170,38 @@ def verify_range_hits(t: B.Target, body: bytes) -> dict:
     return hdrs
 
 
+MID = 1024 * 1024
+
+
+def verify_disk_hits(t: B.Target, body: bytes) -> dict:
+    """Whole GETs of /mid.bin: the second and later must be hits with the right bytes."""
+    import http.client
+    hdrs: dict = {}
+    c = http.client.HTTPConnection("127.0.0.1", t.port, timeout=10)
+    for i in range(4):
+        c.request("GET", "/mid.bin", headers={"User-Agent": "sluicegate-bench-verify"})
+        r = c.getresponse()
+        got = r.read()
+        hdrs = {k.lower(): v for k, v in r.getheaders()}
+        if r.status != 200 or got != body:
+            raise B.BenchError(f"{t.label}: request {i}: status {r.status}, {len(got)} bytes")
+        if not is_hit(t.key, hdrs):
+            time.sleep(0.5)  # the disk write (either) takes a moment
+    c.close()
+    if not is_hit(t.key, hdrs):
+        raise B.BenchError(f"{t.label}: requests were not cache hits: {hdrs}")
+    return hdrs
+
+
+def sluicegate_disk_hits(admin: int) -> int:
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+    c.request("GET", "/cache")
+    doc = json.loads(c.getresponse().read())
+    c.close()
+    return int((doc.get("disk") or {}).get("hits", 0))
+
+
 def verify_hits(t: B.Target) -> dict:
     """The second and later requests must be hits with the backend's body."""
     conn = None
@@ -171,9 +233,10 @@ def main() -> int:
     ap.add_argument("--sluicegate", default=str(B.ROOT / "target/release/sluicegate"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--range", action="store_true", help="64 KiB range hits of a 10 MB object")
+    ap.add_argument("--disk", action="store_true", help="1 MiB hits from sluicegate's disk tier vs nginx's disk cache")
     args, unknown = ap.parse_known_args()
     if args.out is None:
-        args.out = str(B.BENCH / "out" / ("cache-range" if args.range else "cache"))
+        args.out = str(B.BENCH / "out" / ("cache-range" if args.range else "cache-disk" if args.disk else "cache"))
     if unknown:
         B.log(f"ignoring options for the main harness: {' '.join(unknown)}")
     rounds, duration = (3, 3) if args.quick else (args.rounds, args.duration)
@@ -186,6 +249,9 @@ def main() -> int:
     body = big_body() if args.range else b""
     if args.range:
         (work / "backend" / "big.bin").write_bytes(body)
+    if args.disk:
+        body = big_body()[:MID]
+        (work / "backend" / "mid.bin").write_bytes(body)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not shutil.which("wrk"):
         raise B.BenchError("wrk not found (bench/run.sh --cache installs it)")
@@ -212,7 +278,8 @@ def main() -> int:
     targets = {}
     (work / "sluicegate").mkdir()
     cfg = work / "sluicegate" / "sluicegate.toml"
-    cfg.write_text(sluicegate_conf(sg_port, sg_admin, backend_port))
+    cfg.write_text(sluicegate_conf(sg_port, sg_admin, backend_port,
+                                   work / "sluicegate" / "disk" if args.disk else None))
     t = B.Target("sluicegate", "sluicegate (cache)", sg_port)
     t.procs.append(procs.spawn("sluicegate", [str(exe), "run", "--config", str(cfg)],
                                work / "sluicegate" / "sluicegate.log", match="sluicegate"))
@@ -225,9 +292,15 @@ def main() -> int:
                                                "-p", str(work / "nginx"), "-c", str(cfg)],
                                work / "nginx" / "stdout.log", match="nginx"))
     targets["nginx"] = t
-    verify = (lambda t: verify_range_hits(t, body)) if args.range else verify_hits
+    if args.range:
+        verify = lambda t: verify_range_hits(t, body)  # noqa: E731
+    elif args.disk:
+        verify = lambda t: verify_disk_hits(t, body)  # noqa: E731
+    else:
+        verify = verify_hits
     wrk_extra = ["-H", f"Range: {RANGE}"] if args.range else []
-    url = (lambda t: t.url.rstrip("/") + "/big.bin") if args.range else (lambda t: t.url)
+    path = "/big.bin" if args.range else "/mid.bin" if args.disk else ""
+    url = (lambda t: t.url.rstrip("/") + path) if path else (lambda t: t.url)
     for t in targets.values():
         B.wait_ready(procs, t, 60)
         verify(t)
@@ -237,6 +310,7 @@ def main() -> int:
         subprocess.run(["wrk", "-t1", f"-c{args.connections}", "-d1s", *wrk_extra, url(t)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     before = backend_requests(work)
+    disk_before = sluicegate_disk_hits(sg_admin) if args.disk else 0
     results: dict[str, list[dict]] = {k: [] for k in targets}
     order = list(targets)
     for rnd in range(rounds):
@@ -254,6 +328,7 @@ def main() -> int:
                   f"p99 {r['p99_ms']:6.2f} ms")
             time.sleep(0.5)
     origin_during = backend_requests(work) - before
+    disk_hits = sluicegate_disk_hits(sg_admin) - disk_before if args.disk else None
     for t in targets.values():
         verify(t)
 
@@ -266,6 +341,7 @@ def main() -> int:
         "rounds": rounds, "duration_s": duration, "connections": args.connections,
         "median_rps": med, "median_p99_ms": p99, "ratio_sluicegate_over_nginx": ratio,
         "per_round_ratio": per_round, "backend_requests_during_rounds": origin_during,
+        "sluicegate_disk_hits_during_rounds": disk_hits,
         "raw": results,
     }
     (out / "results.json").write_text(json.dumps(doc, indent=2))
@@ -273,11 +349,13 @@ def main() -> int:
         f"# Cache hits: Sluicegate vs nginx proxy_cache ({doc['date']})", "",
         f"{rounds} interleaved rounds x {duration} s, `wrk -t1 -c{args.connections}`, one worker each, "
         + (f"`GET /big.bin` with `Range: {RANGE}` (64 KiB of a 10 MB object, `206`)." if args.range
-           else "`GET /` (12-byte body, `max-age=3600`).") + "", "",
+           else "`GET /mid.bin` (1 MiB, whole; sluicegate from its disk tier, nginx from its cache files)."
+           if args.disk else "`GET /` (12-byte body, `max-age=3600`).") + "", "",
         "| target | median rps | median p99 ms |", "|---|---:|---:|",
         *(f"| {targets[k].label} | {med[k]:,.0f} | {p99[k]:.2f} |" for k in targets), "",
         f"**sluicegate / nginx = {ratio:.2f}x** (per round: {', '.join(f'{x:.2f}' for x in per_round)}; "
-        f"goal >= 1.2x). Backend requests during the rounds: {origin_during}.", "",
+        f"goal >= 1.2x). Backend requests during the rounds: {origin_during}."
+        + (f" Sluicegate disk-tier hits during the rounds: {disk_hits:,}." if args.disk else ""), "",
     ]
     (out / "results.md").write_text("\n".join(md))
     print("\n".join(md))

@@ -418,3 +418,98 @@ async fn a_purge_on_one_replica_empties_the_key_on_all_three() {
         );
     }
 }
+
+/// Issue 25: a tag purge (`{"tags": [...]}`) on one replica reaches the
+/// others through Redis and removes the tagged entries there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_purge_on_one_replica_reaches_the_others() {
+    let redis = RedisServer::start();
+    let origin = Backend::serve("origin", |req| {
+        let tag = if req.uri().path().starts_with("/video") {
+            "video all"
+        } else {
+            "page all"
+        };
+        async move {
+            let mut r: Response<RespBody> = Response::new(full("cached body"));
+            r.headers_mut().insert(
+                "cache-control",
+                http::HeaderValue::from_static("max-age=600"),
+            );
+            r.headers_mut()
+                .insert("surrogate-key", http::HeaderValue::from_static(tag));
+            r
+        }
+    })
+    .await;
+    let route = "[[route]]\npath_prefix = \"/\"\nupstream = \"app\"\ncache = true\n";
+    let config = fleet_config(origin.addr(), &redis, route, "purge = true\n");
+    let proxies = three(&config);
+    let entries = |v: &str| -> u64 {
+        serde_json::from_str::<serde_json::Value>(v).unwrap()["entries"]
+            .as_u64()
+            .unwrap()
+    };
+    for p in &proxies {
+        wait_redis_state(p, "up").await;
+        within(10, "purge subscription", async {
+            loop {
+                let stats: serde_json::Value =
+                    serde_json::from_str(&p.admin_get("/stats").await.text()).unwrap();
+                if stats["dependencies"]["redis"]["purge_subscribed"] == true {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        for path in ["/video/1", "/video/2", "/page"] {
+            assert_eq!(p.get(path, &[]).await.status, 200);
+        }
+        assert_eq!(entries(&p.admin_get("/cache").await.text()), 3);
+    }
+    let before = origin.requests();
+    let resp = client::request(
+        proxies[1].admin_addr(),
+        Method::POST,
+        "/cache/purge",
+        &[("content-type", "application/json")],
+        Bytes::from_static(br#"{"tags": ["video"]}"#),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        resp.header("sluicegate-fleet-purge").as_deref(),
+        Some("published")
+    );
+    for p in &proxies {
+        within(5, "the tag purge reaches every replica", async {
+            while entries(&p.admin_get("/cache").await.text()) != 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let page = p.get("/page", &[]).await;
+        assert!(
+            page.header("cache-status")
+                .unwrap_or_default()
+                .contains("hit"),
+            "{:?}",
+            page.header("cache-status")
+        );
+    }
+    // Each replica fetches the two tagged URLs again, and only those.
+    for p in &proxies {
+        for path in ["/video/1", "/video/2"] {
+            let r = p.get(path, &[]).await;
+            assert!(
+                r.header("cache-status")
+                    .unwrap_or_default()
+                    .contains("fwd="),
+                "{:?}",
+                r.header("cache-status")
+            );
+        }
+    }
+    assert_eq!(origin.requests(), before + 6);
+}

@@ -154,13 +154,21 @@ impl HttpCache {
             if u.starts_with('/') {
                 scan.urls.push(u.clone());
             } else {
-                n += self.store.remove(u) as usize;
+                let on_disk = self.disk.as_ref().is_some_and(|d| d.get(u).is_some());
+                if let Some(d) = &self.disk {
+                    d.forget(u, None);
+                }
+                n += (self.store.remove(u) || on_disk) as usize;
             }
         }
         if !scan.is_empty() {
-            n += self.store.purge(|k, variants| {
+            let selects = |k: &str, variants: &super::store::Variants| {
                 scan.names_key(k) || variants.iter().any(|v| scan.names_tags(&v.tags))
-            });
+            };
+            let mem = self.store.purge(selects);
+            // A key in both tiers counts once.
+            let disk = self.disk.as_ref().map_or(0, |d| d.purge(selects));
+            n += mem.max(disk);
         }
         self.stats.bytes.set(self.store.bytes() as f64);
         self.stats
@@ -194,6 +202,7 @@ impl HttpCache {
             "hit_ratio": ratio,
             "evictions": self.store.evictions(),
             "in_flight": self.flights.len(),
+            "disk": self.disk.as_ref().map(|d| d.stats_json()),
         })
     }
 }

@@ -15,11 +15,13 @@
 //! - [`conditional`], [`range`]: `304`, `206` and `416` from the store;
 //! - [`key`]: the cache key, unkeyed headers, invalidation targets;
 //! - [`store`]: the byte-bounded store and [`store::CachedResponse`];
+//! - [`disk`]: the disk tier (`[cache.disk]`), under the memory store;
 //! - [`flight`]: coalescing; [`tee`]: store while streaming;
 //! - [`status`]: `Cache-Status`; [`admin`]: purge and statistics.
 
 pub mod admin;
 pub mod conditional;
+pub mod disk;
 pub mod flight;
 pub mod key;
 pub mod policy;
@@ -45,6 +47,8 @@ use store::{CachedResponse, Store};
 /// reloads (rebuilt, empty, only when its bounds change).
 pub struct HttpCache {
     store: Arc<Store>,
+    /// The disk tier, when `[cache.disk]` is set.
+    disk: Option<Arc<disk::Disk>>,
     flights: Arc<Flights>,
     stats: Arc<Stats>,
     settings: Settings,
@@ -79,33 +83,76 @@ impl HttpCache {
                 Arc::new(Store::new(bounds.0, bounds.1))
             }
         };
+        let rules = policy::Rules::new(config.heuristic_percent, config.reading());
+        let disk = config.disk.as_ref().and_then(|d| {
+            let want = (d.path.clone(), d.max_bytes(), d.max_object_bytes());
+            if let Some(p) = previous.and_then(|p| p.disk.as_ref()) {
+                if p.settings() == want {
+                    return Some(p.clone());
+                }
+            }
+            match disk::Disk::open(&want.0, want.1, want.2, &rules) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::error!(path = %want.0.display(), error = %e, "cache: disk tier not opened; memory only");
+                    None
+                }
+            }
+        });
         let stats = previous
             .map(|p| p.stats.clone())
             .unwrap_or_else(|| Arc::new(Stats::new()));
         stats.bytes.set(store.bytes() as f64);
         HttpCache {
             store,
+            disk,
             flights: previous.map(|p| p.flights.clone()).unwrap_or_default(),
             stats,
             settings: Settings {
                 max_variants: config.max_variants,
                 lock_timeout: Duration::from_millis(config.lock_timeout_ms),
-                rules: policy::Rules::new(config.heuristic_percent, config.reading()),
+                rules,
             },
         }
     }
 
-    /// Store `entry` as a variant of `key`.
+    /// Store `entry` as a variant of `key`: in memory when it fits there,
+    /// and on disk (written in the background) when there is a disk tier.
     fn put(&self, key: Arc<str>, entry: Arc<CachedResponse>) {
-        self.store.put(key, entry, self.settings.max_variants);
-        self.stats.bytes.set(self.store.bytes() as f64);
+        if let Some(disk) = &self.disk {
+            disk.write(key.clone(), &entry, &self.settings.rules);
+        }
+        if entry.body_len() <= self.store.bounds().1 || entry.body.disk().is_some() {
+            self.store.put(key, entry, self.settings.max_variants);
+            self.stats.bytes.set(self.store.bytes() as f64);
+        }
     }
 
-    /// Drop every variant of `key`.
+    /// Drop every variant of `key` (memory and disk).
     fn invalidate(&self, key: &str) {
         if self.store.remove(key) {
             self.stats.bytes.set(self.store.bytes() as f64);
         }
+        if let Some(disk) = &self.disk {
+            disk.forget(key, None);
+        }
+    }
+
+    /// The largest body this cache stores for a route whose memory limit
+    /// is `route_limit` (the disk tier may take larger ones).
+    fn object_limit(&self, route_limit: u64) -> u64 {
+        match &self.disk {
+            Some(d) => route_limit.max(d.max_object_bytes()),
+            None => route_limit,
+        }
+    }
+
+    /// Every stored variant of `key`: the memory store's, else the disk
+    /// tier's.
+    fn variants(&self, key: &str) -> Option<store::Variants> {
+        self.store
+            .get(key)
+            .or_else(|| self.disk.as_ref().and_then(|d| d.get(key)))
     }
 }
 

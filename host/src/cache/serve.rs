@@ -128,6 +128,10 @@ impl HttpCache {
         let Found::Fresh(fresh) = found else {
             return None;
         };
+        // A disk entry not yet checked in this process: `lookup` checks it.
+        if fresh.entry.body.disk().is_some_and(|d| !d.verified()) {
+            return None;
+        }
         self.stats.hit();
         let status = CacheStatus::hit(fresh.ttl());
         Some(fresh.respond(&parts.method, status))
@@ -148,7 +152,22 @@ impl HttpCache {
         // Entries are GET responses; a HEAD is looked up as the GET it
         // mirrors and answered with the head only.
         let method = std::mem::replace(&mut parts.method, Method::GET);
-        let fwd = match self.find(&key, cr.upstream, &parts) {
+        let mut found = self.find(&key, cr.upstream, &parts);
+        // A disk entry's file is read through and checked before its first
+        // hit in this process; a corrupt one is dropped (and the request
+        // goes on as a miss).
+        let unchecked = match &found {
+            Found::Fresh(f) => f.entry.body.disk().filter(|d| !d.verified()).cloned(),
+            Found::Stale(e, _) => e.body.disk().filter(|d| !d.verified()).cloned(),
+            _ => None,
+        };
+        if let Some(d) = unchecked {
+            if !d.verify().await {
+                self.store.remove(&key);
+                found = self.find(&key, cr.upstream, &parts);
+            }
+        }
+        let fwd = match found {
             Found::Fresh(fresh) => {
                 self.stats.hit();
                 let status = CacheStatus::hit(fresh.ttl());
@@ -196,7 +215,7 @@ impl HttpCache {
 
     /// Look for a stored variant that can answer this request.
     fn find(&self, key: &str, upstream: &str, parts: &http::request::Parts) -> Found {
-        let Some(variants) = self.store.get(key) else {
+        let Some(variants) = self.variants(key) else {
             return Found::Nothing;
         };
         let now = SystemTime::now();
@@ -283,7 +302,7 @@ impl HttpCache {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let limit = cr.rule.max_object_bytes;
+        let limit = self.object_limit(cr.rule.max_object_bytes);
         if !storable {
             status.apply(&mut head.headers);
             return Response::from_parts(head, body);

@@ -30,8 +30,13 @@ pub struct CachedResponse {
     pub head: http::response::Parts,
     /// Purge tags (`Surrogate-Key`, `Cache-Tag`).
     pub tags: Box<[Box<str>]>,
-    /// The whole body.
-    pub body: Bytes,
+    /// The whole body: in memory, or a file of the disk tier.
+    pub body: StoredBody,
+    /// When the response was received (the policy's response time).
+    pub received: SystemTime,
+    /// The request fields the entry depends on (URI, `Host`, the fields
+    /// `Vary` names, `Cache-Control`, `Pragma`), for the disk tier.
+    request: http::request::Parts,
     /// The upstream that answered.
     pub upstream: Arc<str>,
     /// Upstream and `Vary`-named request values: see [`policy::variant_id`].
@@ -108,6 +113,61 @@ impl QuickHit {
     }
 }
 
+/// Where a stored body is.
+#[derive(Clone)]
+pub enum StoredBody {
+    /// In memory, shared by every hit.
+    Mem(Bytes),
+    /// In a file of the disk tier, streamed for each hit.
+    Disk(Arc<super::disk::DiskBody>),
+}
+
+impl StoredBody {
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            StoredBody::Mem(b) => b.len() as u64,
+            StoredBody::Disk(d) => d.len,
+        }
+    }
+
+    /// Empty?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The disk file, if that is where it is.
+    pub fn disk(&self) -> Option<&Arc<super::disk::DiskBody>> {
+        match self {
+            StoredBody::Disk(d) => Some(d),
+            StoredBody::Mem(_) => None,
+        }
+    }
+}
+
+/// The request fields a stored entry depends on (see `CachedResponse`).
+fn kept_request(req: &http::request::Parts, head: &http::response::Parts) -> http::request::Parts {
+    let (mut kept, ()) = http::Request::get(req.uri.clone())
+        .body(())
+        .expect("a GET with a valid URI")
+        .into_parts();
+    let mut names = vec![header::HOST, header::CACHE_CONTROL, header::PRAGMA];
+    for v in head.headers.get_all(header::VARY) {
+        if let Ok(v) = v.to_str() {
+            names.extend(
+                v.split(',')
+                    .filter_map(|n| header::HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+            );
+        }
+    }
+    for n in names {
+        for v in req.headers.get_all(&n) {
+            kept.headers.append(n.clone(), v.clone());
+        }
+    }
+    kept
+}
+
 /// Every variant of a key, newest first (cheap to clone).
 pub type Variants = Arc<[Arc<CachedResponse>]>;
 
@@ -116,13 +176,31 @@ impl CachedResponse {
     /// hop-by-hop fields), read by `rules`.
     pub fn new(
         req: http::request::Parts,
-        mut head: http::response::Parts,
+        head: http::response::Parts,
         body: Bytes,
         upstream: Arc<str>,
         now: SystemTime,
         rules: &Rules,
     ) -> Arc<CachedResponse> {
-        let tags = policy::take_tags(&mut head.headers);
+        Self::with_body(req, head, StoredBody::Mem(body), upstream, now, rules, None)
+    }
+
+    /// [`Self::new`] for a body anywhere; `tags` given (the head has no tag
+    /// fields) or taken from the head.
+    pub fn with_body(
+        req: http::request::Parts,
+        mut head: http::response::Parts,
+        body: StoredBody,
+        upstream: Arc<str>,
+        now: SystemTime,
+        rules: &Rules,
+        tags: Option<Vec<Box<str>>>,
+    ) -> Arc<CachedResponse> {
+        let tags = match tags {
+            Some(t) => t,
+            None => policy::take_tags(&mut head.headers),
+        };
+        let request = kept_request(&req, &head);
         let view = rules.view(&head).unwrap_or_else(|| head.clone());
         let policy = CachePolicy::new_options(&req, &view, now, rules.opts);
         let variant = policy::variant_id(&upstream, &req.headers, &head.headers);
@@ -139,8 +217,12 @@ impl CachedResponse {
         let policy_bytes = head_bytes + 512;
         let quick_bytes = if quick.is_some() { head_bytes } else { 0 };
         let tag_bytes: usize = tags.iter().map(|t| t.len() + 16).sum();
-        let weight = (body.len()
-            + head_bytes
+        let in_memory = match &body {
+            StoredBody::Mem(b) => b.len(),
+            StoredBody::Disk(_) => 0,
+        };
+        let weight = (in_memory
+            + head_bytes * 2
             + policy_bytes
             + quick_bytes
             + tag_bytes
@@ -151,6 +233,8 @@ impl CachedResponse {
             head,
             tags: tags.into(),
             body,
+            received: now,
+            request,
             upstream,
             variant,
             fresh_until,
@@ -158,6 +242,33 @@ impl CachedResponse {
             weight,
             quick,
         })
+    }
+
+    /// The request fields this entry depends on.
+    pub fn request(&self) -> &http::request::Parts {
+        &self.request
+    }
+
+    /// Its body's length.
+    pub fn body_len(&self) -> u64 {
+        self.body.len()
+    }
+
+    /// The same entry with its body at `body` (the disk tier's copy).
+    pub fn with_stored_body(&self, body: StoredBody, rules: &Rules) -> Arc<CachedResponse> {
+        let (mut head, ()) = Response::new(()).into_parts();
+        head.status = self.head.status;
+        head.version = self.head.version;
+        head.headers = self.head.headers.clone();
+        Self::with_body(
+            self.request.clone(),
+            head,
+            body,
+            self.upstream.clone(),
+            self.received,
+            rules,
+            Some(self.tags.to_vec()),
+        )
     }
 
     /// The head of a fresh hit for `req` (a `GET` without `Cache-Control`
@@ -195,13 +306,14 @@ impl CachedResponse {
         merged
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(self.body.len()));
-        let mut entry = Self::new(
+        let mut entry = Self::with_body(
             req.clone(),
             merged,
             self.body.clone(),
             self.upstream.clone(),
             SystemTime::now(),
             rules,
+            None,
         );
         // A 304 without tag fields keeps the entry's tags.
         if entry.tags.is_empty() && !self.tags.is_empty() {
@@ -230,10 +342,10 @@ impl CachedResponse {
         status: CacheStatus,
     ) -> Response<ProxyBody> {
         status.apply(&mut head.headers);
-        let body = if *method == Method::HEAD {
-            body::empty()
-        } else {
-            body::full(self.body.clone())
+        let body = match &self.body {
+            _ if *method == Method::HEAD => body::empty(),
+            StoredBody::Mem(b) => body::full(b.clone()),
+            StoredBody::Disk(d) => d.stream(),
         };
         Response::from_parts(head, body)
     }

@@ -30,6 +30,43 @@ pub struct CacheConfig {
     pub targeted_fields: Vec<String>,
     /// Obey only the targeted fields: a response without one is not stored.
     pub targeted_only: bool,
+    /// `[cache.disk]`: the disk tier (none without it).
+    pub disk: Option<DiskConfig>,
+}
+
+/// `[cache.disk]`: a directory every stored response that fits is also
+/// written to, bounded in size; memory misses are looked up there, hits
+/// stream from it, and it survives restarts (see `cache/disk.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The directory (created if missing; one process per directory).
+    pub path: std::path::PathBuf,
+    /// Bound of the files' total size, MiB.
+    pub max_size_mb: u64,
+    /// Largest object written, MiB (default: 64, at most `max_size_mb`).
+    /// Objects above `[cache] max_object_bytes` but within this go to disk
+    /// only (they are buffered in memory while they arrive).
+    #[serde(default = "default_disk_object_mb")]
+    pub max_object_mb: u64,
+}
+
+fn default_disk_object_mb() -> u64 {
+    64
+}
+
+impl DiskConfig {
+    /// The bound in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_size_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// The largest object in bytes.
+    pub fn max_object_bytes(&self) -> u64 {
+        self.max_object_mb
+            .min(self.max_size_mb)
+            .saturating_mul(1024 * 1024)
+    }
 }
 
 impl Default for CacheConfig {
@@ -42,6 +79,7 @@ impl Default for CacheConfig {
             lock_timeout_ms: 5_000,
             targeted_fields: vec!["CDN-Cache-Control".to_string()],
             targeted_only: false,
+            disk: None,
         }
     }
 }
@@ -192,6 +230,20 @@ impl Validator<'_> {
             let reason = "needs at least one of cache.targeted_fields".to_string();
             return self.error(0..0, "cache.targeted_only".into(), reason);
         }
+        if let Some(d) = &c.disk {
+            if d.max_size_mb == 0 {
+                let reason = "must be at least 1".to_string();
+                return self.error(0..0, "cache.disk.max_size_mb".into(), reason);
+            }
+            if d.max_object_mb == 0 {
+                let reason = "must be at least 1".to_string();
+                return self.error(0..0, "cache.disk.max_object_mb".into(), reason);
+            }
+            if d.path.as_os_str().is_empty() {
+                let reason = "must name a directory".to_string();
+                return self.error(0..0, "cache.disk.path".into(), reason);
+            }
+        }
         for (i, route) in config.routes.iter().enumerate() {
             let Some(rc) = &route.cache else { continue };
             if let RouteCacheConfig::Settings(s) = rc.get_ref() {
@@ -242,6 +294,19 @@ endpoints = ["127.0.0.1:9001"]
         assert_eq!(r1.stale_if_error, Duration::from_secs(30));
         assert_eq!(r1.set_cookie, SetCookiePolicy::Never);
         assert!(c.routes[2].cache_rule(&c.cache).is_none());
+    }
+
+    #[test]
+    fn the_disk_tier_table() {
+        let c = parse("[cache.disk]\npath = \"/var/cache/sg\"\nmax_size_mb = 1024\n").unwrap();
+        let d = c.cache.disk.as_ref().unwrap();
+        assert_eq!(d.max_bytes(), 1 << 30);
+        assert_eq!(d.max_object_bytes(), 64 << 20);
+        assert!(parse("").unwrap().cache.disk.is_none());
+        let e = parse("[cache.disk]\npath = \"/x\"\nmax_size_mb = 0\n").unwrap_err();
+        assert!(e.contains("cache.disk.max_size_mb"), "{e}");
+        let e = parse("[cache.disk]\npath = \"/x\"\nmax_size_mb = 1\nsize = 2\n").unwrap_err();
+        assert!(e.contains("size"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! the targeted field, cookies and tags; `partial` the `304`, `206` and
 //! `416` answered from the store.
 
+mod disk;
 mod partial;
 mod rfc;
 
