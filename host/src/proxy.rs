@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use futures_util::future::Either;
+use futures_util::future::{Either, FutureExt};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
@@ -153,11 +153,16 @@ pub struct Proxy {
 
 impl Proxy {
     /// Serve one request. Never fails: errors become 4xx/5xx responses.
-    pub async fn handle(
+    ///
+    /// Not an `async fn`: the head's bookkeeping runs here, and the
+    /// returned future is the journey's future and what its answer needs,
+    /// not the request and connection it was made from (an `async fn`
+    /// keeps its parameters' room for its whole life).
+    pub fn handle(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         conn: ConnInfo,
-    ) -> Response<ProxyBody> {
+    ) -> impl Future<Output = Response<ProxyBody>> + Send {
         let started = Instant::now();
         // Kept from the client when valid, else made; it goes upstream and
         // into the access log.
@@ -169,38 +174,43 @@ impl Proxy {
         // (`None`, and nothing done, when tracing is off).
         let trace = crate::telemetry::begin(&mut req, conn.client.ip());
         let snap = self.snapshot.load_full();
-        let (mut resp, route) = self.journey(&snap, req, conn).await;
-        if let Some(call) = &grpc {
-            resp = call.shape(resp, route.is_none());
-        }
-        let status = resp.status().as_u16();
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        let m = route
-            .and_then(|i| snap.route_metrics.get(i))
-            .or(snap.route_metrics.last());
-        if let Some(m) = m {
-            m.by_class[class].increment(1);
-            m.latency.record(started.elapsed());
-            if let Some(t) = trace {
-                if let Some(entry) = log.as_mut() {
-                    entry.trace_id = Some(t.trace_id());
+        // What follows the journey is synchronous: a `map`, not an `async`
+        // block, which would hold the journey future twice (as its capture
+        // and as the awaited future).
+        self.journey(snap.clone(), req, conn)
+            .map(move |(mut resp, route)| {
+                if let Some(call) = &grpc {
+                    resp = call.shape(resp, route.is_none());
                 }
-                t.finish(&resp, &m.label);
-            }
-            match (&grpc, log.take()) {
-                // A gRPC call is logged when it ends, with its status.
-                (Some(call), entry) => resp = call.watch(resp, m.label.clone(), entry),
-                (None, Some(entry)) => entry.finish(&resp, &m.label),
-                (None, None) => {}
-            }
-        }
-        crate::status::count_response(class);
-        resp
+                let status = resp.status().as_u16();
+                let class = (status / 100).clamp(1, 5) as usize - 1;
+                let m = route
+                    .and_then(|i| snap.route_metrics.get(i))
+                    .or(snap.route_metrics.last());
+                if let Some(m) = m {
+                    m.by_class[class].increment(1);
+                    m.latency.record(started.elapsed());
+                    if let Some(t) = trace {
+                        if let Some(entry) = log.as_mut() {
+                            entry.trace_id = Some(t.trace_id());
+                        }
+                        t.finish(&resp, &m.label);
+                    }
+                    match (&grpc, log.take()) {
+                        // A gRPC call is logged when it ends, with its status.
+                        (Some(call), entry) => resp = call.watch(resp, m.label.clone(), entry),
+                        (None, Some(entry)) => entry.finish(&resp, &m.label),
+                        (None, None) => {}
+                    }
+                }
+                crate::status::count_response(class);
+                resp
+            })
     }
 
     async fn journey(
-        &self,
-        snap: &Snapshot,
+        self: Arc<Self>,
+        snap: Arc<Snapshot>,
         mut req: Request<Incoming>,
         conn: ConnInfo,
     ) -> (Response<ProxyBody>, Option<usize>) {
@@ -396,7 +406,7 @@ impl Proxy {
                     // by the server) would carry its size (5 KB of memcpy
                     // per plain request).
                     None => Ok(Box::pin(
-                        self.through_cache(snap, rule, upstream, parts, &head, req_body),
+                        self.through_cache(&snap, rule, upstream, parts, &head, req_body),
                     )
                     .await),
                 }
@@ -404,7 +414,7 @@ impl Proxy {
             // Boxed too: every layer above would otherwise carry (and copy
             // as it is built) the client's future.
             _ => {
-                Box::pin(self.forward(snap, upstream, parts, &head, req_body, upgrade.clone()))
+                Box::pin(self.forward(&snap, upstream, parts, &head, req_body, upgrade.clone()))
                     .await
             }
         };
