@@ -390,6 +390,36 @@ async fn server_stream(
         .map(tonic::Response::into_inner)
 }
 
+/// A raw h2c upstream (hyper, no gRPC library) answering every request with
+/// `handle`: for what tonic would hide (exact trailers, a head that never
+/// comes). Its address.
+async fn raw_h2_upstream<F, Fut, B>(handle: F) -> std::net::SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = handle(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_and_server_streaming_calls_pass() {
     let up = GrpcUpstream::start("a").await;
@@ -632,63 +662,40 @@ async fn raw_trailers_pass(_grpc: &Proxy) {
         ("x-multi", b"two"),
         ("x-empty", b""),
     ];
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let sent = trailers.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            let sent = sent.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |_req: http::Request<hyper::body::Incoming>| {
-                        let sent = sent.clone();
-                        async move {
-                            let mut t = http::HeaderMap::new();
-                            for (k, v) in &sent {
-                                t.append(
-                                    http::HeaderName::from_static(k),
-                                    http::HeaderValue::from_bytes(v).unwrap(),
-                                );
-                            }
-                            let frames: Vec<Result<http_body::Frame<Bytes>, Infallible>> = vec![
-                                Ok(http_body::Frame::data(Bytes::from_static(
-                                    b"\0\0\0\0\x02\x08\x01",
-                                ))),
-                                Ok(http_body::Frame::trailers(t)),
-                            ];
-                            let body =
-                                http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-                            let resp = http::Response::builder()
-                                .header("content-type", "application/grpc")
-                                .body(body)
-                                .unwrap();
-                            Ok::<_, Infallible>(resp)
-                        }
-                    },
+    let addr = raw_h2_upstream(move |_req| {
+        let sent = sent.clone();
+        async move {
+            let mut t = http::HeaderMap::new();
+            for (k, v) in &sent {
+                t.append(
+                    http::HeaderName::from_static(k),
+                    http::HeaderValue::from_bytes(v).unwrap(),
                 );
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
-            });
+            }
+            let frames: Vec<Result<http_body::Frame<Bytes>, Infallible>> = vec![
+                Ok(http_body::Frame::data(Bytes::from_static(
+                    b"\0\0\0\0\x02\x08\x01",
+                ))),
+                Ok(http_body::Frame::trailers(t)),
+            ];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+            let resp = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body)
+                .unwrap();
+            resp
         }
-    });
+    })
+    .await;
     let proxy = grpc_proxy(&[addr], "");
-    let stream = TcpStream::connect(proxy.addr()).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake::<_, http_body_util::Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let conn = H2Conn::connect(proxy.addr()).await;
     let req = http::Request::post(format!("http://{}/x.Y/Z", proxy.addr()))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\0")))
         .unwrap();
-    let resp = within(10, "raw call", send.send_request(req))
-        .await
-        .unwrap();
+    let resp = within(10, "raw call", conn.send(req)).await;
     let got = within(10, "raw body", resp.into_body().collect())
         .await
         .unwrap();
@@ -853,37 +860,16 @@ async fn a_grpc_health_check_takes_a_not_serving_endpoint_out_and_back() {
 async fn a_slow_upstream_head_past_grpc_timeout_is_deadline_exceeded() {
     // A raw upstream that never answers: the proxy's deadline is the
     // client's `grpc-timeout`, not `upstream_response_ms`.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |_req: http::Request<hyper::body::Incoming>| async {
-                        tokio::time::sleep(Duration::from_secs(30)).await;
-                        Ok::<_, Infallible>(http::Response::new(
-                            http_body_util::Empty::<Bytes>::new(),
-                        ))
-                    },
-                );
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
-            });
-        }
-    });
+    let addr = raw_h2_upstream(|_req| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        http::Response::new(http_body_util::Empty::<Bytes>::new())
+    })
+    .await;
     let proxy = grpc_proxy(&[addr], "");
     // A raw HTTP/2 client: tonic's own client enforces `grpc-timeout` too
     // (with CANCELLED), so only a client that does not shows what the
     // proxy answers.
-    let stream = TcpStream::connect(proxy.addr()).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake::<_, http_body_util::Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let conn = H2Conn::connect(proxy.addr()).await;
     let req = http::Request::post(format!("http://{}/test.Echo/Unary", proxy.addr()))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -891,7 +877,7 @@ async fn a_slow_upstream_head_past_grpc_timeout_is_deadline_exceeded() {
         .body(http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\0")))
         .unwrap();
     let started = std::time::Instant::now();
-    let resp = within(10, "call", send.send_request(req)).await.unwrap();
+    let resp = within(10, "call", conn.send(req)).await;
     let took = started.elapsed();
     // Trailers-only: HTTP 200, the status in the head.
     assert_eq!(resp.status(), 200);

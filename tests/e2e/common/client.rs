@@ -249,13 +249,19 @@ impl H2Conn {
             req = req.header(*k, *v);
         }
         let req = req.body(Full::new(Bytes::new())).unwrap();
-        let mut sender = self.sender.clone();
-        within(30, "h2 request", async move {
-            sender.ready().await.expect("h2 ready");
-            let resp = sender.send_request(req).await.expect("h2 response head");
+        within(30, "h2 request", async {
+            let resp = self.send(req).await;
             Resp::collect(resp).await.expect("h2 response body")
         })
         .await
+    }
+
+    /// Send `req` on a new stream; its response head (the body, and its
+    /// trailers, still to read).
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> http::Response<hyper::body::Incoming> {
+        let mut sender = self.sender.clone();
+        sender.ready().await.expect("h2 ready");
+        sender.send_request(req).await.expect("h2 response head")
     }
 }
 
