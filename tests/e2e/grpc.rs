@@ -680,11 +680,10 @@ async fn raw_trailers_pass(_grpc: &Proxy) {
                 Ok(http_body::Frame::trailers(t)),
             ];
             let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-            let resp = http::Response::builder()
+            http::Response::builder()
                 .header("content-type", "application/grpc")
                 .body(body)
-                .unwrap();
-            resp
+                .unwrap()
         }
     })
     .await;
