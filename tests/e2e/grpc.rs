@@ -329,8 +329,14 @@ impl GrpcUpstream {
 
 /// The proxy in front of `endpoints`, spoken to over h2c.
 fn grpc_proxy(endpoints: &[SocketAddr], upstream_extra: &str) -> Proxy {
+    Proxy::start(&grpc_toml(endpoints, upstream_extra))
+}
+
+/// [`grpc_proxy`]'s config: its one route is the last table, so a caller
+/// may append keys to the route and then tables of its own.
+fn grpc_toml(endpoints: &[SocketAddr], upstream_extra: &str) -> String {
     let eps: Vec<String> = endpoints.iter().map(|a| a.to_string()).collect();
-    Proxy::start(&format!(
+    format!(
         r#"[proxy]
 listen = ["@LISTEN@"]
 admin = "@ADMIN@"
@@ -350,7 +356,7 @@ protocol = "h2c"
 path_prefix = "/"
 upstream = "grpc"
 "#
-    ))
+    )
 }
 
 async fn channel(proxy: &Proxy) -> tonic::transport::Channel {
@@ -388,6 +394,18 @@ async fn server_stream(
     g.server_streaming(req, path("/test.Echo/ServerStream"), Codec::default())
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// Every message of a stream, until it ends with an OK status.
+async fn all_messages(s: &mut tonic::Streaming<Msg>) -> Vec<Msg> {
+    let mut all = Vec::new();
+    while let Some(m) = within(10, "stream message", s.message())
+        .await
+        .expect("every message decodes, then an OK status")
+    {
+        all.push(m);
+    }
+    all
 }
 
 /// A raw h2c upstream (hyper, no gRPC library) answering every request with
@@ -441,15 +459,8 @@ async fn unary_and_server_streaming_calls_pass() {
     )
     .await
     .expect("server streaming call");
-    let mut next = 0;
-    while let Some(m) = within(10, "stream message", s.message())
-        .await
-        .expect("message")
-    {
-        assert_eq!(m.n, next);
-        next += 1;
-    }
-    assert_eq!(next, 10_000);
+    let ns: Vec<u64> = all_messages(&mut s).await.iter().map(|m| m.n).collect();
+    assert_eq!(ns, (0..10_000).collect::<Vec<u64>>());
     // The access log has the calls with their gRPC status (written at the end).
     let log = std::fs::read_to_string(proxy.dir().join("access.log")).unwrap_or_default();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -911,30 +922,9 @@ async fn no_route_is_unimplemented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_filter_edits_grpc_message_bytes() {
     let up = GrpcUpstream::start("a").await;
-    let toml = format!(
-        r#"[proxy]
-listen = ["@LISTEN@"]
-admin = "@ADMIN@"
-workers = 2
-
-[filters]
-dir = "@DIR@/filters"
-
-[filters.config.v2-chunks]
-chunks = true
-
-[[upstream]]
-name = "grpc"
-endpoints = ["{}"]
-protocol = "h2c"
-
-[[route]]
-path_prefix = "/"
-upstream = "grpc"
-filters = ["v2-chunks"]
-"#,
-        up.addr
-    );
+    let toml = grpc_toml(&[up.addr], "")
+        + "filters = [\"v2-chunks\"]\n\n[filters]\ndir = \"@DIR@/filters\"\n\n\
+           [filters.config.v2-chunks]\nchunks = true\n";
     let proxy = Proxy::builder(&toml)
         .file("filters/v2-chunks.wasm", wasm("v2-probe"))
         .start();
@@ -960,21 +950,16 @@ filters = ["v2-chunks"]
     )
     .await
     .expect("server streaming call through a chunk filter");
-    let mut next = 0;
-    while let Some(m) = within(10, "stream message", s.message())
+    // The filter sees the framed bytes as written: `n` from 97 to 122 is
+    // one varint byte, an ASCII letter, and is upper-cased too (from 128 on
+    // a varint's bytes are >= 0x80 or < 4).
+    let got: Vec<(u64, String)> = all_messages(&mut s)
         .await
-        .expect("every message decodes: the framing was not touched")
-    {
-        // The filter sees the framed bytes as written: `n` from 97 to 122
-        // is one varint byte, an ASCII letter, and is upper-cased too
-        // (from 128 on a varint's bytes are >= 0x80 or < 4).
-        let want = if (97..=122).contains(&next) {
-            next - 32
-        } else {
-            next
-        };
-        assert_eq!((m.n, m.from.as_str()), (want, "A"), "message {next}");
-        next += 1;
-    }
-    assert_eq!(next, 500, "every message arrived, then an OK status");
+        .into_iter()
+        .map(|m| (m.n, m.from))
+        .collect();
+    let want: Vec<(u64, String)> = (0..500u64)
+        .map(|n| (if (97..=122).contains(&n) { n - 32 } else { n }, "A".into()))
+        .collect();
+    assert_eq!(got, want, "every message arrived, edited byte for byte");
 }
