@@ -89,6 +89,10 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
         Arc::new(dns),
     )?));
     crate::fleet::purge::subscribe(snapshot.clone());
+    // Filters' callouts go to the upstreams of the live snapshot.
+    if let Some(rt) = &filters {
+        rt.enable_callouts(crate::filter::callout::CalloutService::new(snapshot.clone()));
+    }
     let make_proxy = || {
         Arc::new(Proxy {
             client: UpstreamClient::new(&config),

@@ -101,6 +101,23 @@ pub struct FilterPolicyConfig {
     /// How long a call may wait for the filter's CPU share before it is
     /// shed, milliseconds (default 500; 0 sheds at once).
     pub cpu_queue_ms: Option<u64>,
+    /// Upstreams the filter may call (`upstream-client.call`; default
+    /// none; `"*"` for any). A component that imports the call with no
+    /// grant is refused at load.
+    pub callouts: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Timeout of one callout, milliseconds (default 1000).
+    pub callout_timeout_ms: Option<u64>,
+    /// Callouts per request (per tick), every phase together (default 8).
+    pub callout_max_calls: Option<u64>,
+    /// Request and response body bytes of a request's callouts together
+    /// (default 1 MiB).
+    pub callout_max_bytes: Option<u64>,
+    /// Time a request's callouts may spend waiting, milliseconds
+    /// (default 5000).
+    pub callout_max_wall_ms: Option<u64>,
+    /// Largest response body one callout may return, bytes (default
+    /// 256 KiB).
+    pub callout_max_response_bytes: Option<u64>,
 }
 
 /// The failure policy of a filter.
@@ -142,8 +159,25 @@ pub struct FilterPolicy {
     pub max_cpu_percent: f64,
     /// Longest wait for the CPU share, milliseconds.
     pub cpu_queue_ms: u64,
+    /// Limits of its callouts.
+    pub callout: CalloutLimits,
     /// What the filter may do: its capability manifest.
     pub grants: Grants,
+}
+
+/// The limits of a filter's outbound calls (see `filter::callout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct CalloutLimits {
+    /// One call's timeout, milliseconds.
+    pub timeout_ms: u64,
+    /// Calls per request (or tick).
+    pub max_calls: u64,
+    /// Body bytes (sent and received) per request.
+    pub max_bytes: u64,
+    /// Time spent waiting on callouts per request, milliseconds.
+    pub max_wall_ms: u64,
+    /// Largest response body of one call, bytes.
+    pub max_response_bytes: u64,
 }
 
 /// A filter's capability manifest, checked at load where it can be and on
@@ -164,6 +198,8 @@ pub struct Grants {
     pub kv_max_bytes: u64,
     /// Distinct metric names.
     pub max_metrics: u64,
+    /// Upstreams it may call out to.
+    pub callouts: UpstreamGrant,
 }
 
 /// The upstreams a filter may route to.
@@ -177,6 +213,20 @@ pub enum UpstreamGrant {
 }
 
 impl UpstreamGrant {
+    /// The grant a list of names makes (`"*"` among them: any).
+    pub fn of(names: Vec<String>) -> UpstreamGrant {
+        if names.iter().any(|u| u == "*") {
+            UpstreamGrant::Any
+        } else {
+            UpstreamGrant::Only(names)
+        }
+    }
+
+    /// Does it grant nothing at all?
+    pub fn is_empty(&self) -> bool {
+        matches!(self, UpstreamGrant::Only(names) if names.is_empty())
+    }
+
     /// May the filter route to `name`?
     pub fn allows(&self, name: &str) -> bool {
         match self {
@@ -223,11 +273,13 @@ impl FiltersConfig {
                     .collect::<Vec<_>>()
             })
             .unwrap_or_default();
-        let upstreams = if upstreams.iter().any(|u| u == "*") {
-            UpstreamGrant::Any
-        } else {
-            UpstreamGrant::Only(upstreams)
-        };
+        let upstreams = UpstreamGrant::of(upstreams);
+        let callouts = UpstreamGrant::of(
+            over.and_then(|p| p.callouts.as_ref())
+                .or(d.callouts.as_ref())
+                .map(|l| l.get_ref().iter().map(|s| s.get_ref().clone()).collect())
+                .unwrap_or_default(),
+        );
         let list = |f: fn(&FilterPolicyConfig) -> Option<&Vec<Spanned<String>>>| {
             lower_names(over.and_then(f).or(f(d)))
         };
@@ -245,6 +297,13 @@ impl FiltersConfig {
                 .or(d.isolation)
                 .unwrap_or(Isolation::Pool),
             cpu_queue_ms: pick(|p| p.cpu_queue_ms, 500),
+            callout: CalloutLimits {
+                timeout_ms: pick(|p| p.callout_timeout_ms, 1_000),
+                max_calls: pick(|p| p.callout_max_calls, 8),
+                max_bytes: pick(|p| p.callout_max_bytes, 1 << 20),
+                max_wall_ms: pick(|p| p.callout_max_wall_ms, 5_000),
+                max_response_bytes: pick(|p| p.callout_max_response_bytes, 256 << 10),
+            },
             max_cpu_percent: over
                 .and_then(|p| p.max_cpu_percent)
                 .or(d.max_cpu_percent)
@@ -265,6 +324,7 @@ impl FiltersConfig {
                 kv_max_entries: pick(|p| p.kv_max_entries, 100_000),
                 kv_max_bytes: pick(|p| p.kv_max_bytes, 64 << 20),
                 max_metrics: pick(|p| p.max_metrics, 128),
+                callouts,
             },
         }
     }
@@ -307,6 +367,8 @@ impl Validator<'_> {
                 ("memory_mb", policy.memory_mb),
                 ("kv_max_entries", policy.kv_max_entries),
                 ("kv_max_bytes", policy.kv_max_bytes),
+                ("callout_timeout_ms", policy.callout_timeout_ms),
+                ("callout_max_wall_ms", policy.callout_max_wall_ms),
             ]
             .into_iter()
             .find(|(_, v)| *v == Some(0));
@@ -319,14 +381,17 @@ impl Validator<'_> {
                     return self.error(0..0, format!("{table}.max_cpu_percent"), reason);
                 }
             }
-            if let Some(list) = &policy.upstreams {
-                for (i, up) in list.get_ref().iter().enumerate() {
+            for (key, list) in [
+                ("upstreams", &policy.upstreams),
+                ("callouts", &policy.callouts),
+            ] {
+                for (i, up) in list.iter().flat_map(|l| l.get_ref()).enumerate() {
                     let name = up.get_ref();
                     if name != "*" && !upstreams.contains(name.as_str()) {
                         let reason = format!(
                             "grants upstream {name:?}, which is not defined by any [[upstream]]"
                         );
-                        return self.error(up.span(), format!("{table}.upstreams[{i}]"), reason);
+                        return self.error(up.span(), format!("{table}.{key}[{i}]"), reason);
                     }
                 }
             }
@@ -419,6 +484,25 @@ dir = "f"
             e.starts_with("x.toml: line 20: filters.policy.t.upstreams[1]:"),
             "{e}"
         );
+        assert!(e.contains("\"nope\""), "{e}");
+    }
+
+    #[test]
+    fn callouts_are_granted_by_name_and_limited() {
+        let text = format!(
+            "{BASE}[filters.policy.t]\ncallouts = [\"admin\"]\ncallout_timeout_ms = 250\ncallout_max_calls = 2\n"
+        );
+        let c = Config::parse(&text, Path::new("x.toml")).unwrap();
+        let p = c.filters.policy_for("t");
+        assert!(p.grants.callouts.allows("admin") && !p.grants.callouts.allows("app"));
+        assert_eq!((p.callout.timeout_ms, p.callout.max_calls), (250, 2));
+        assert_eq!(p.callout.max_response_bytes, 256 << 10);
+        assert!(c.filters.policy_for("other").grants.callouts.is_empty());
+        let text = format!("{BASE}[filters.policy.t]\ncallouts = [\"nope\"]\n");
+        let e = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("filters.policy.t.callouts[0]"), "{e}");
         assert!(e.contains("\"nope\""), "{e}");
     }
 

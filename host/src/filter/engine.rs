@@ -35,6 +35,9 @@ pub struct FilterEngine {
     sync_cache: bool,
     /// Where slow filters' calls run (see `compute`).
     pub compute: Arc<ComputePool>,
+    /// The proxy's upstreams for filters' callouts, once it runs (see
+    /// `callout`).
+    pub callouts: Arc<arc_swap::ArcSwapOption<super::callout::CalloutService>>,
     workers: usize,
 }
 
@@ -89,6 +92,8 @@ impl FilterEngine {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
+        // Its blocking io methods would `block_on` a worker's runtime.
+        super::stdio::nonblocking::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
         Filter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(anyhow::Error::from)?;
         // Contract 0.2 beside 0.1: a component imports one or the other
@@ -98,6 +103,13 @@ impl FilterEngine {
             |s| s,
         )
         .map_err(anyhow::Error::from)?;
+        // The optional interfaces of `callout-filter` (a component that
+        // does not import them links as before).
+        use super::bindings_v2_callout::sluicegate::filter::{timer, upstream_client};
+        upstream_client::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(anyhow::Error::from)?;
+        timer::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(anyhow::Error::from)?;
 
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -135,6 +147,7 @@ impl FilterEngine {
             compat,
             sync_cache: false,
             compute: Arc::new(ComputePool::new(compute_threads)?),
+            callouts: Arc::default(),
             workers: workers.max(1),
         })
     }

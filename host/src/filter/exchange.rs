@@ -99,6 +99,8 @@ struct Locals {
     filter: Arc<str>,
     entries: Vec<(String, Vec<u8>)>,
     bytes: usize,
+    /// What the filter's callouts have used on this request.
+    callouts: super::callout::Spent,
 }
 
 /// The per-request state 0.2 filters share.
@@ -202,6 +204,27 @@ impl Exchange {
             None => locals.entries.push((key, value)),
         }
         true
+    }
+
+    /// What `filter`'s callouts have used on this request so far.
+    pub fn callouts_spent(&self, filter: &str) -> super::callout::Spent {
+        self.locals
+            .iter()
+            .find(|l| &*l.filter == filter)
+            .map(|l| l.callouts)
+            .unwrap_or_default()
+    }
+
+    /// Record what `filter`'s callouts have used (after a call that made some).
+    pub fn set_callouts_spent(&mut self, filter: &Arc<str>, spent: super::callout::Spent) {
+        match self.locals.iter_mut().find(|l| l.filter == *filter) {
+            Some(l) => l.callouts = spent,
+            None => self.locals.push(Locals {
+                filter: filter.clone(),
+                callouts: spent,
+                ..Locals::default()
+            }),
+        }
     }
 
     /// Put back what `key` held before a failed call set it.

@@ -111,6 +111,28 @@ pub struct HostState {
     pub meter: super::compute::CallMeter,
     /// The request's exchange, lent to a 0.2 call (see `exchange`).
     pub exchange: Option<SharedExchange>,
+    /// Callouts (see `callout`): the version's limits, what this request's
+    /// (or tick's) calls have used, and whether calls are allowed on this
+    /// call at all (not in `init`, nor for a shadow version).
+    pub callout: CalloutState,
+}
+
+/// The callout side of one store.
+pub struct CalloutState {
+    /// Does the version's component import `upstream-client`?
+    pub imported: bool,
+    /// The version's limits.
+    pub limits: crate::config::CalloutLimits,
+    /// Used so far by the request (or tick) in progress.
+    pub spent: super::callout::Spent,
+    /// The proxy's upstreams, once it runs.
+    pub service: Arc<arc_swap::ArcSwapOption<super::callout::CalloutService>>,
+    /// False while calls are refused (`init`, shadow calls).
+    pub enabled: bool,
+    /// True while `init` runs (`timer.request-tick` is allowed then only).
+    pub initializing: bool,
+    /// The tick interval `init` asked for, ms.
+    pub tick_ms: Option<u32>,
 }
 
 impl HostState {
@@ -124,6 +146,14 @@ impl HostState {
     ) {
         self.lent_request = Some(req);
         self.lent_response = resp;
+        // The request's callout budget so far (per filter, every phase);
+        // only a version that can call out pays for the lookup.
+        if self.callout.imported {
+            self.callout.spent = match &exchange {
+                Some(ex) => ex.lock().callouts_spent(&self.ctx.name),
+                None => Default::default(),
+            };
+        }
         self.exchange = exchange;
         self.edits = Edits::default();
     }
@@ -131,7 +161,12 @@ impl HostState {
     /// Take the heads back after the call, with its undo log. A head is
     /// missing only if the guest somehow never had it lent.
     pub fn take_back(&mut self) -> (Option<RequestHead>, Option<ResponseHead>, Edits) {
-        self.exchange = None;
+        if let Some(ex) = self.exchange.take() {
+            if self.callout.spent.calls > 0 {
+                ex.lock()
+                    .set_callouts_spent(&self.ctx.name, self.callout.spent);
+            }
+        }
         (
             self.lent_request.take(),
             self.lent_response.take(),
@@ -147,8 +182,10 @@ impl HostState {
         grants: Arc<Grants>,
         memory_cap: usize,
         meter: super::compute::CallMeter,
+        callout: CalloutState,
     ) -> HostState {
         HostState {
+            callout,
             table: ResourceTable::new(),
             lent_request: None,
             lent_response: None,

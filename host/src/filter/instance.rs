@@ -23,8 +23,8 @@ use super::compute::{CallMeter, Demotion, Metered, Verdict};
 use super::engine::FilterEngine;
 use super::exchange::SharedExchange;
 use super::host_api::{
-    Edits, ExchangeHandle, FilterContext, HostState, Lent, RequestHead, ResponseHead, EXCHANGE_REP,
-    MEMORY_CAP_ERROR,
+    CalloutState, Edits, ExchangeHandle, FilterContext, HostState, Lent, RequestHead,
+    ResponseHead, EXCHANGE_REP, MEMORY_CAP_ERROR,
 };
 use super::stats::FilterStats;
 use crate::config::{FilterPolicy, Isolation};
@@ -37,6 +37,10 @@ const MEMORY_MARK_DIVISOR: usize = 2;
 const HANDLER: &str = "sluicegate:filter/handler@0.1.0";
 /// The handler interface every 0.2 filter exports.
 const HANDLER_V2: &str = "sluicegate:filter/handler@0.2.0";
+/// The tick entry point a `callout-filter` exports.
+const TICK_HANDLER: &str = "sluicegate:filter/tick-handler@0.2.0";
+/// The import that makes a component a callout filter (any 0.2.x).
+const UPSTREAM_CLIENT: &str = "sluicegate:filter/upstream-client@0.2";
 
 /// Why a filter call did not produce an action.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -96,6 +100,8 @@ struct Exports {
     init: ComponentExportIndex,
     /// In the order of [`PHASES_V1`] or [`PHASES_V2`].
     phases: Vec<ComponentExportIndex>,
+    /// `tick-handler.on-tick`, for a `callout-filter` (0.2).
+    on_tick: Option<ComponentExportIndex>,
 }
 
 const PHASES_V1: [&str; 4] = [
@@ -132,8 +138,15 @@ impl Exports {
                 .get_export_index(Some(&iface), name)
                 .ok_or_else(|| anyhow::anyhow!("{handler} has no {name:?}"))
         };
+        let on_tick = match contract {
+            Contract::V2 => component
+                .get_export_index(None, TICK_HANDLER)
+                .and_then(|t| component.get_export_index(Some(&t), "on-tick")),
+            Contract::V1 => None,
+        };
         Ok(Exports {
             contract,
+            on_tick,
             init: get("init")?,
             phases: names
                 .iter()
@@ -177,6 +190,7 @@ enum Funcs {
         on_request_chunk: Func,
         on_response_chunk: Func,
         on_log: LogFunc2,
+        on_tick: Option<TypedFunc<(), ()>>,
     },
 }
 
@@ -196,6 +210,7 @@ enum Args {
     RequestChunk(Bytes, bool),
     ResponseChunk(Bytes, bool),
     Log(v2::LogEntry),
+    Tick,
 }
 
 impl Args {
@@ -208,6 +223,7 @@ impl Args {
             Args::RequestChunk(..) => "request_chunk",
             Args::ResponseChunk(..) => "response_chunk",
             Args::Log(_) => "log",
+            Args::Tick => "tick",
         }
     }
 }
@@ -361,6 +377,19 @@ macro_rules! dispatch {
                 $invoke!(on_log, store, (ex_handle(), *entry));
                 Output::Log
             }
+            (
+                Funcs::V2 {
+                    on_tick: Some(on_tick),
+                    ..
+                },
+                Args::Tick,
+            ) => {
+                $invoke!(on_tick, store, ());
+                Output::Log
+            }
+            (Funcs::V2 { on_tick: None, .. }, Args::Tick) => {
+                return Err(wasmtime::format_err!("the filter exports no tick-handler"))
+            }
             (Funcs::V1 { .. }, _) => {
                 return Err(wasmtime::format_err!(
                     "a 0.1 filter has no {} phase",
@@ -416,6 +445,13 @@ pub struct FilterVersion {
     pub policy: FilterPolicy,
     /// Counters shared by every version of this filter name.
     pub stats: Arc<FilterStats>,
+    /// Does its component import `upstream-client`? Then every call is a
+    /// wasmtime async call on the worker (see `call`).
+    pub callouts: bool,
+    /// The tick interval its init asked for (`timer.request-tick`).
+    pub tick: Option<Duration>,
+    /// Set when the version leaves the live set: its ticks stop.
+    retired: AtomicBool,
     init_config: String,
     engine: FilterEngine,
     pre: InstancePre<HostState>,
@@ -472,10 +508,25 @@ impl FilterVersion {
             Contract::V1 => {
                 drop(FilterPre::new(instance_pre.clone()).map_err(anyhow::Error::from)?)
             }
+            Contract::V2 if exports.on_tick.is_some() => drop(
+                super::bindings_v2_callout::CalloutFilterPre::new(instance_pre.clone())
+                    .map_err(anyhow::Error::from)?,
+            ),
             Contract::V2 => drop(
                 super::bindings_v2::FilterPre::new(instance_pre.clone())
                     .map_err(anyhow::Error::from)?,
             ),
+        }
+        let callouts = component
+            .component_type()
+            .imports(&engine.engine)
+            .any(|(name, _)| name.starts_with(UPSTREAM_CLIENT));
+        if callouts && policy.grants.callouts.is_empty() {
+            anyhow::bail!(
+                "the component imports sluicegate:filter/upstream-client, but its policy grants \
+                 no callouts: set callouts = [\"<upstream>\", ...] in [filters.policy.{}]",
+                ctx.name
+            );
         }
         ctx.kv
             .set_limits(policy.grants.kv_max_entries, policy.grants.kv_max_bytes);
@@ -491,6 +542,9 @@ impl FilterVersion {
             grants: Arc::new(policy.grants.clone()),
             policy,
             stats,
+            callouts,
+            tick: None,
+            retired: AtomicBool::new(false),
             init_config,
             engine: engine.clone(),
             pre: instance_pre,
@@ -501,13 +555,25 @@ impl FilterVersion {
             slow: Arc::new(AtomicBool::new(false)),
             demotion: Demotion::default(),
         };
-        let (warm, caps) = version.instantiate().map_err(|f| match f {
+        // Blocking: the caller is off the async runtime. A callout
+        // version's init is an async call too, but nothing in it waits
+        // (callouts are refused during init), so polling finishes it.
+        let (warm, caps) = block_inline(version.instantiate()).map_err(|f| match f {
             FilterFailure::Timeout(ms) => {
                 anyhow::anyhow!("instantiating and init timed out after {ms} ms (init_timeout_ms)")
             }
             f => anyhow::anyhow!("{f}"),
         })?;
         version.caps = caps;
+        version.tick = warm
+            .store
+            .data()
+            .callout
+            .tick_ms
+            .map(|ms| Duration::from_millis(u64::from(ms)));
+        if version.tick.is_some() && version.exports.on_tick.is_none() {
+            anyhow::bail!("init asked for ticks, but the component exports no {TICK_HANDLER}");
+        }
         release(&version.pool, &version.policy, warm);
         Ok(version)
     }
@@ -539,10 +605,24 @@ impl FilterVersion {
     /// that preempts the thread must not fail a filter's start-up. It is
     /// still bounded: a guest that spins in `init` is cut off and the
     /// version refused (or, on the data path, the call fails by policy).
-    fn instantiate(&self) -> Result<(Warm, Caps), FilterFailure> {
+    ///
+    /// A callout version's instance is made and initialised as async calls
+    /// (wasmtime requires it once a component imports an async host
+    /// function); anything else synchronously (the future is then ready at
+    /// its first poll).
+    async fn instantiate(&self) -> Result<(Warm, Caps), FilterFailure> {
         let cap = (self.policy.memory_mb as usize) << 20;
         let meter = CallMeter::new(self.slow.clone());
-        let state = HostState::new(self.ctx.clone(), self.grants.clone(), cap, meter);
+        let callout = CalloutState {
+            imported: self.callouts,
+            limits: self.policy.callout,
+            spent: Default::default(),
+            service: self.engine.callouts.clone(),
+            enabled: false,
+            initializing: true,
+            tick_ms: None,
+        };
+        let state = HostState::new(self.ctx.clone(), self.grants.clone(), cap, meter, callout);
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_callback(|ctx| {
@@ -559,10 +639,11 @@ impl FilterVersion {
             .meter
             .start_sync(deadline_ticks(self.policy.init_timeout_ms));
         store.set_epoch_deadline(1);
-        let instance = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| self.classify(&e, "instantiate"))?;
+        let instance = match self.callouts {
+            true => self.pre.instantiate_async(&mut store).await,
+            false => self.pre.instantiate(&mut store),
+        }
+        .map_err(|e| self.classify(&e, "instantiate"))?;
         let funcs = self
             .funcs(&mut store, &instance)
             .map_err(|e| self.classify(&e, "instantiate"))?;
@@ -581,13 +662,19 @@ impl FilterVersion {
                 let init: InitFunc2 = instance
                     .get_typed_func(&mut store, self.exports.init)
                     .map_err(|e| self.classify(&e, "instantiate"))?;
-                init.call(&mut store, config)
-                    .map_err(|e| self.classify(&e, "init"))?
-                    .0
-                    .map(Caps::from)
+                match self.callouts {
+                    true => init.call_async(&mut store, config).await,
+                    false => init.call(&mut store, config),
+                }
+                .map_err(|e| self.classify(&e, "init"))?
+                .0
+                .map(Caps::from)
             }
         }
         .map_err(|msg| FilterFailure::Instantiate(format!("init failed: {msg}")))?;
+        let callout = &mut store.data_mut().callout;
+        callout.initializing = false;
+        callout.enabled = true;
         self.created.fetch_add(1, Ordering::Relaxed);
         Ok((
             Warm {
@@ -621,6 +708,10 @@ impl FilterVersion {
                 on_request_chunk: func(store, p[4])?,
                 on_response_chunk: func(store, p[5])?,
                 on_log: instance.get_typed_func(&mut *store, p[6])?,
+                on_tick: match self.exports.on_tick {
+                    Some(idx) => Some(instance.get_typed_func(&mut *store, idx)?),
+                    None => None,
+                },
             },
         })
     }
@@ -631,8 +722,30 @@ impl FilterVersion {
                 return Ok(warm);
             }
         }
-        let (warm, _) = self.instantiate()?;
+        // Not a callout version (see `acquire_async`): ready at once.
+        let (warm, _) = block_inline(self.instantiate())?;
         Ok(warm)
+    }
+
+    /// [`Self::acquire`] for a callout version (async instantiation).
+    async fn acquire_async(&self) -> Result<Warm, FilterFailure> {
+        if self.policy.isolation == Isolation::Pool {
+            if let Some(warm) = self.pool.pop() {
+                return Ok(warm);
+            }
+        }
+        let (warm, _) = self.instantiate().await?;
+        Ok(warm)
+    }
+
+    /// Mark the version as out of the live set: its ticks stop.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// Has it left the live set?
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     /// Turn a wasmtime error into a failure, logging it with the filter name.
@@ -687,7 +800,11 @@ impl FilterVersion {
             };
         }
         let started = Instant::now();
-        let mut warm = match self.acquire() {
+        let acquired = match self.callouts {
+            true => Box::pin(self.acquire_async()).await,
+            false => self.acquire(),
+        };
+        let mut warm = match acquired {
             Ok(w) => w,
             Err(f) => {
                 self.stats.record_failure(&f);
@@ -708,7 +825,13 @@ impl FilterVersion {
             };
             state.lend(req, resp, ex);
         }
-        let (mut warm, result, cpu) = if inline || !self.is_slow() {
+        let (mut warm, result, cpu) = if self.callouts {
+            // A callout version: an async call on this task, so a guest
+            // waiting on a callout leaves the worker free (boxed: only
+            // these calls carry the async call's future).
+            let (result, cpu) = Box::pin(self.call_async_here(&mut warm, &args)).await;
+            (warm, result, cpu)
+        } else if inline || !self.is_slow() {
             warm.store
                 .data()
                 .meter
@@ -754,6 +877,22 @@ impl FilterVersion {
             edits,
             result,
         }
+    }
+
+    /// Run the call as an async call on this task (a callout version): it
+    /// yields at every epoch tick and while it waits on a callout; its CPU
+    /// deadline counts the CPU of its polls only. Returns the result and
+    /// that CPU.
+    async fn call_async_here(
+        &self,
+        warm: &mut Warm,
+        args: &Args,
+    ) -> (wasmtime::Result<Output>, Duration) {
+        let meter = warm.store.data().meter.clone();
+        meter.start_async(Duration::from_millis(self.policy.timeout_ms));
+        warm.store.set_epoch_deadline(1);
+        let result = Metered::new(run_async(warm, args), meter.clone()).await;
+        (result, meter.spent())
     }
 
     /// Run the call as an async call on the compute pool; the worker
@@ -871,6 +1010,14 @@ impl FilterVersion {
     ) -> Result<(), FilterFailure> {
         let c = self
             .call(Args::Log(entry), placeholder(), None, Some(ex), false)
+            .await;
+        c.result.map(|_| ())
+    }
+
+    /// One tick (`tick-handler.on-tick`), with a budget of its own.
+    pub async fn on_tick(&self) -> Result<(), FilterFailure> {
+        let c = self
+            .call(Args::Tick, placeholder(), None, None, false)
             .await;
         c.result.map(|_| ())
     }

@@ -9,6 +9,7 @@
 
 pub mod action;
 pub mod artifacts;
+pub mod callout;
 pub mod chain;
 pub mod compute;
 pub mod engine;
@@ -63,6 +64,30 @@ pub mod bindings_v2 {
             "sluicegate:filter/types.exchange": super::host_api::ExchangeHandle,
         },
         imports: { default: trappable },
+    });
+}
+
+/// Host bindings of the optional interfaces of contract 0.2's world
+/// `callout-filter` (`upstream-client`, `timer`, `tick-handler`); the
+/// interfaces it shares with `filter` are the ones of [`bindings_v2`].
+/// `upstream-client.call` is an async import: a component that imports it
+/// runs as a wasmtime async call (see `instance`).
+#[allow(missing_docs)]
+pub mod bindings_v2_callout {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.2",
+        world: "callout-filter",
+        with: {
+            "sluicegate:filter/types": super::bindings_v2::sluicegate::filter::types,
+            "sluicegate:filter/log": super::bindings_v2::sluicegate::filter::log,
+            "sluicegate:filter/kv": super::bindings_v2::sluicegate::filter::kv,
+            "sluicegate:filter/metrics": super::bindings_v2::sluicegate::filter::metrics,
+            "sluicegate:filter/env": super::bindings_v2::sluicegate::filter::env,
+        },
+        imports: {
+            "sluicegate:filter/upstream-client.call": async | trappable,
+            default: trappable,
+        },
     });
 }
 
@@ -179,6 +204,9 @@ fn unix_secs(t: SystemTime) -> u64 {
 /// Loads filters and holds the live set.
 pub struct FilterRuntime {
     engine: FilterEngine,
+    /// Where ticks run (the runtime that made this one; none in
+    /// `sluicegate check`).
+    ticks: Option<tokio::runtime::Handle>,
     kv: kv::KvRegistry,
     stats: Mutex<HashMap<String, Arc<FilterStats>>>,
     current: ArcSwap<FilterSet>,
@@ -192,11 +220,17 @@ impl FilterRuntime {
         let cache = config.cache_dir.clone().or_else(artifacts::default_dir);
         Ok(FilterRuntime {
             engine: FilterEngine::new(cache, config.compute_threads, workers)?,
+            ticks: tokio::runtime::Handle::try_current().ok(),
             kv: kv::KvRegistry::default(),
             stats: Mutex::new(HashMap::new()),
             current: ArcSwap::from_pointee(FilterSet::default()),
             load_lock: Mutex::new(()),
         })
+    }
+
+    /// Let filters call out to the upstreams of the proxy's live snapshot.
+    pub fn enable_callouts(&self, service: callout::CalloutService) {
+        self.engine.callouts.store(Some(Arc::new(service)));
     }
 
     /// The live set (cheap; never blocks on a reload).
@@ -240,8 +274,49 @@ impl FilterRuntime {
                 }
             }
         }
+        // Versions that left the live set stop ticking; new ones start.
+        for (name, old) in &previous.active {
+            if !next.active.get(name).is_some_and(|v| Arc::ptr_eq(v, old)) {
+                old.retire();
+            }
+        }
+        for (name, v) in &next.active {
+            if !previous.active.get(name).is_some_and(|p| Arc::ptr_eq(p, v)) {
+                self.start_ticks(v);
+            }
+        }
         self.current.store(Arc::new(next));
         errors
+    }
+
+    /// Run `version`'s ticks, if its init asked for them, until it retires
+    /// (or is dropped): one tick at a time, the first at once.
+    fn start_ticks(&self, version: &Arc<FilterVersion>) {
+        let (Some(every), Some(handle)) = (version.tick, &self.ticks) else {
+            return;
+        };
+        let weak = Arc::downgrade(version);
+        let name = version.name.clone();
+        tracing::info!(filter = %name, every_ms = every.as_millis() as u64, "filter ticks start");
+        handle.spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let Some(v) = weak.upgrade() else { break };
+                if v.is_retired() {
+                    break;
+                }
+                match v.on_tick().await {
+                    Ok(()) => metrics::counter!("sluicegate_filter_ticks_total", "filter" => name.to_string(), "result" => "ok").increment(1),
+                    Err(e) => {
+                        metrics::counter!("sluicegate_filter_ticks_total", "filter" => name.to_string(), "result" => "error").increment(1);
+                        tracing::warn!(filter = %name, error = %e, "filter tick failed");
+                    }
+                }
+            }
+            tracing::info!(filter = %name, "filter ticks stop: the version left the live set");
+        });
     }
 
     fn load_one(

@@ -177,6 +177,199 @@ impl AsyncWrite for LineWriter {
     }
 }
 
+/// `wasi:io` for filters without ever blocking a thread.
+///
+/// wasmtime-wasi's synchronous bindings run every *blocking* stream and
+/// poll method (`blocking-write-and-flush`, `blocking-flush`, a stream's
+/// drop, `pollable.block`, ...) through `block_on` on the current tokio
+/// runtime. A filter call runs on a worker's runtime thread (or, async, on
+/// a fiber polled by one), where `block_on` panics: a guest that printed a
+/// line (Rust's `eprintln!`, the panic message before a trap, Python's
+/// `print`) brought the worker thread down. Every stream a filter has is
+/// one of ours ([`LogStdio`], an empty stdin) and never waits, so these
+/// methods are shadowed by versions that poll the same futures once and
+/// report a stream that would wait as closed (a pollable that would wait,
+/// e.g. a timer, as ready: a guest that spins on one runs into its CPU
+/// deadline).
+pub mod nonblocking {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+    use wasmtime_wasi::p2::bindings::sync::io::{poll, streams};
+    use wasmtime_wasi_io::bindings::wasi::io::poll as apoll;
+    use wasmtime_wasi_io::bindings::wasi::io::streams as astreams;
+    use wasmtime_wasi_io::poll::DynPollable;
+    use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream, StreamError};
+
+    use crate::filter::host_api::HostState;
+
+    type StreamResult<T> = Result<T, StreamError>;
+
+    /// The store's resource table, seen through the shadowing methods.
+    pub struct Io<'a>(&'a mut ResourceTable);
+
+    struct IoData;
+    impl HasData for IoData {
+        type Data<'a> = Io<'a>;
+    }
+
+    /// Poll `f` once; `None` if it would wait.
+    fn now<F: Future>(f: F) -> Option<F::Output> {
+        let mut f = std::pin::pin!(f);
+        match f
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        }
+    }
+
+    fn stream<T>(f: impl Future<Output = StreamResult<T>>) -> StreamResult<T> {
+        now(f).unwrap_or(Err(StreamError::Closed))
+    }
+
+    /// Shadow the blocking `wasi:io` methods of `linker` (after
+    /// `add_to_linker_sync`).
+    pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+        linker.allow_shadowing(true);
+        streams::add_to_linker::<HostState, IoData>(linker, |s| Io(&mut s.table))?;
+        poll::add_to_linker::<HostState, IoData>(linker, |s| Io(&mut s.table))?;
+        linker.allow_shadowing(false);
+        Ok(())
+    }
+
+    impl streams::Host for Io<'_> {
+        fn convert_stream_error(
+            &mut self,
+            err: StreamError,
+        ) -> wasmtime::Result<streams::StreamError> {
+            astreams::Host::convert_stream_error(self.0, err)
+        }
+    }
+
+    impl streams::HostOutputStream for Io<'_> {
+        fn drop(&mut self, s: Resource<DynOutputStream>) -> wasmtime::Result<()> {
+            match now(astreams::HostOutputStream::drop(self.0, s)) {
+                Some(r) => r,
+                None => Ok(()),
+            }
+        }
+        fn check_write(&mut self, s: Resource<DynOutputStream>) -> StreamResult<u64> {
+            astreams::HostOutputStream::check_write(self.0, s)
+        }
+        fn write(&mut self, s: Resource<DynOutputStream>, bytes: Vec<u8>) -> StreamResult<()> {
+            astreams::HostOutputStream::write(self.0, s, bytes)
+        }
+        fn blocking_write_and_flush(
+            &mut self,
+            s: Resource<DynOutputStream>,
+            bytes: Vec<u8>,
+        ) -> StreamResult<()> {
+            stream(astreams::HostOutputStream::blocking_write_and_flush(
+                self.0, s, bytes,
+            ))
+        }
+        fn flush(&mut self, s: Resource<DynOutputStream>) -> StreamResult<()> {
+            astreams::HostOutputStream::flush(self.0, s)
+        }
+        fn blocking_flush(&mut self, s: Resource<DynOutputStream>) -> StreamResult<()> {
+            stream(astreams::HostOutputStream::blocking_flush(self.0, s))
+        }
+        fn subscribe(
+            &mut self,
+            s: Resource<DynOutputStream>,
+        ) -> wasmtime::Result<Resource<DynPollable>> {
+            astreams::HostOutputStream::subscribe(self.0, s)
+        }
+        fn write_zeroes(&mut self, s: Resource<DynOutputStream>, len: u64) -> StreamResult<()> {
+            astreams::HostOutputStream::write_zeroes(self.0, s, len)
+        }
+        fn blocking_write_zeroes_and_flush(
+            &mut self,
+            s: Resource<DynOutputStream>,
+            len: u64,
+        ) -> StreamResult<()> {
+            stream(astreams::HostOutputStream::blocking_write_zeroes_and_flush(
+                self.0, s, len,
+            ))
+        }
+        fn splice(
+            &mut self,
+            dst: Resource<DynOutputStream>,
+            src: Resource<DynInputStream>,
+            len: u64,
+        ) -> StreamResult<u64> {
+            astreams::HostOutputStream::splice(self.0, dst, src, len)
+        }
+        fn blocking_splice(
+            &mut self,
+            dst: Resource<DynOutputStream>,
+            src: Resource<DynInputStream>,
+            len: u64,
+        ) -> StreamResult<u64> {
+            stream(astreams::HostOutputStream::blocking_splice(
+                self.0, dst, src, len,
+            ))
+        }
+    }
+
+    impl streams::HostInputStream for Io<'_> {
+        fn drop(&mut self, s: Resource<DynInputStream>) -> wasmtime::Result<()> {
+            match now(astreams::HostInputStream::drop(self.0, s)) {
+                Some(r) => r,
+                None => Ok(()),
+            }
+        }
+        fn read(&mut self, s: Resource<DynInputStream>, len: u64) -> StreamResult<Vec<u8>> {
+            astreams::HostInputStream::read(self.0, s, len)
+        }
+        fn blocking_read(
+            &mut self,
+            s: Resource<DynInputStream>,
+            len: u64,
+        ) -> StreamResult<Vec<u8>> {
+            stream(astreams::HostInputStream::blocking_read(self.0, s, len))
+        }
+        fn skip(&mut self, s: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
+            astreams::HostInputStream::skip(self.0, s, len)
+        }
+        fn blocking_skip(&mut self, s: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
+            stream(astreams::HostInputStream::blocking_skip(self.0, s, len))
+        }
+        fn subscribe(
+            &mut self,
+            s: Resource<DynInputStream>,
+        ) -> wasmtime::Result<Resource<DynPollable>> {
+            astreams::HostInputStream::subscribe(self.0, s)
+        }
+    }
+
+    impl poll::Host for Io<'_> {
+        fn poll(&mut self, pollables: Vec<Resource<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
+            let n = pollables.len() as u32;
+            match now(apoll::Host::poll(self.0, pollables)) {
+                Some(r) => r,
+                // Nothing is ready and nothing may wait: report them all.
+                None => Ok((0..n).collect()),
+            }
+        }
+    }
+
+    impl poll::HostPollable for Io<'_> {
+        fn block(&mut self, p: Resource<DynPollable>) -> wasmtime::Result<()> {
+            now(apoll::HostPollable::block(self.0, p)).unwrap_or(Ok(()))
+        }
+        fn ready(&mut self, p: Resource<DynPollable>) -> wasmtime::Result<bool> {
+            now(apoll::HostPollable::ready(self.0, p)).unwrap_or(Ok(false))
+        }
+        fn drop(&mut self, p: Resource<DynPollable>) -> wasmtime::Result<()> {
+            apoll::HostPollable::drop(self.0, p)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -87,10 +87,11 @@ pub fn load(
         .with_context(|| format!("{}: not a valid filter component", wasm.display()))?;
     // The proxy's default manifest, except that any upstream may be
     // named (there are none here) and the CPU share is the whole core.
-    let mut grants = crate::config::FiltersConfig::default()
-        .policy_for(&name)
-        .grants;
+    let defaults = crate::config::FiltersConfig::default().policy_for(&name);
+    let mut grants = defaults.grants;
     grants.upstreams = crate::config::UpstreamGrant::Any;
+    // A callout filter loads; its calls answer `unavailable` (no upstreams).
+    grants.callouts = crate::config::UpstreamGrant::Any;
     let policy = FilterPolicy {
         timeout_ms: 1000,
         init_timeout_ms: 10_000,
@@ -100,6 +101,7 @@ pub fn load(
         max_requests_per_instance: u64::MAX,
         max_cpu_percent: 100.0,
         cpu_queue_ms: 0,
+        callout: defaults.callout,
         grants,
     };
     let ctx = Arc::new(FilterContext::new(
