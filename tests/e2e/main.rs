@@ -9,6 +9,7 @@ mod common;
 mod balance;
 mod balance_limits;
 mod cache;
+mod callout_examples;
 mod config;
 mod deploy;
 mod drain;
