@@ -94,10 +94,26 @@ fn header_list(key: &str, names: Vec<String>) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// `[filters.config.<name>]` as JSON into `T` (blank reads as `{}`); an
+/// error names the key it is about (`cache_ttl_ms: invalid value ...`).
+fn from_json<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, String> {
+    let json = if json.trim().is_empty() { "{}" } else { json };
+    let de = &mut serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            format!("invalid config: {inner}")
+        } else {
+            format!("invalid config: {path}: {inner}")
+        }
+    })
+}
+
 impl Config {
     /// Parse and check the JSON config; errors name the key.
     pub fn parse(json: &str) -> Result<Config, String> {
-        let mut c: Config = sluicegate_sdk_v2::parse_config(json)?;
+        let mut c: Config = from_json(json)?;
         if !valid_upstream_name(&c.upstream) {
             return Err(format!(
                 "upstream: {:?} is not an upstream name (letters, digits, '-', '_', '.')",
@@ -173,9 +189,19 @@ mod tests {
                 "set by the filter",
             ),
             (r#"{"upstream_headers":[""]}"#, "upstream_headers:"),
-            (r#"{"on_unavailable":"maybe"}"#, "unknown variant"),
+            (
+                r#"{"on_unavailable":"maybe"}"#,
+                "on_unavailable: unknown variant",
+            ),
             (r#"{"timeout_ms":0}"#, "timeout_ms:"),
-            (r#"{"cache_ttl_ms":-1}"#, "invalid config"),
+            (
+                r#"{"cache_ttl_ms":-1}"#,
+                "invalid config: cache_ttl_ms: invalid value",
+            ),
+            (
+                r#"{"forward_headers":"authorization"}"#,
+                "forward_headers: invalid type",
+            ),
         ];
         for (json, want) in cases {
             let err = Config::parse(json).unwrap_err();

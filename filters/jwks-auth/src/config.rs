@@ -39,10 +39,26 @@ fn default_leeway_s() -> u64 {
     30
 }
 
+/// `[filters.config.<name>]` as JSON into `T` (blank reads as `{}`); an
+/// error names the key it is about (`cache_ttl_ms: invalid value ...`).
+fn from_json<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, String> {
+    let json = if json.trim().is_empty() { "{}" } else { json };
+    let de = &mut serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            format!("invalid config: {inner}")
+        } else {
+            format!("invalid config: {path}: {inner}")
+        }
+    })
+}
+
 impl Config {
     /// Parse and check the JSON config; errors name the key.
     pub fn parse(json: &str) -> Result<Config, String> {
-        let c: Config = sluicegate_sdk_v2::parse_config(json)?;
+        let c: Config = from_json(json)?;
         let name_ok = |s: &str| {
             !s.is_empty()
                 && s.bytes()
@@ -117,6 +133,10 @@ mod tests {
             (r#"{"jwks_upstream":"idp","issuer":""}"#, "issuer:"),
             (r#"{"jwks_upstream":"idp","audience":""}"#, "audience:"),
             (r#"{"jwks_upstream":"idp","leeway_s":7200}"#, "leeway_s:"),
+            (
+                r#"{"jwks_upstream":"idp","refresh_ms":"1s"}"#,
+                "refresh_ms: invalid type",
+            ),
         ];
         for (json, want) in cases {
             let err = Config::parse(json).unwrap_err();
