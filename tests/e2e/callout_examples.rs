@@ -8,6 +8,7 @@
 //! crate.
 
 mod jwt_keys;
+mod killable;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use crate::common::{
     Proxy, Resp,
 };
 use jwt_keys::{b64, claims, jwks, now_s, TestKey};
+use killable::Killable;
 
 async fn get(p: &Proxy, path: &str, headers: &[(&str, &str)]) -> Resp {
     within(
@@ -98,10 +100,10 @@ fn respond(status: u16, headers: &[(&str, &str)], body: &str) -> Response<RespBo
 /// An auth service: `Bearer good` is alice (200 with `x-auth-user`),
 /// `Bearer forbidden` gets 403, `Bearer boom` a 500, anything else 401
 /// with a challenge. It keeps the headers of every check it gets.
-async fn auth_service() -> (Backend, Arc<Mutex<Vec<HeaderMap>>>) {
+async fn auth_service() -> (Killable, Arc<Mutex<Vec<HeaderMap>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
-    let backend = Backend::serve("authz", move |req: Request<Incoming>| {
+    let service = Killable::serve(move |req: Request<Incoming>| {
         log.lock().unwrap().push(req.headers().clone());
         let auth = req
             .headers()
@@ -125,7 +127,7 @@ async fn auth_service() -> (Backend, Arc<Mutex<Vec<HeaderMap>>>) {
         }
     })
     .await;
-    (backend, seen)
+    (service, seen)
 }
 
 fn authz_cfg(app: &Backend, authz: std::net::SocketAddr) -> Cfg {
@@ -287,7 +289,7 @@ async fn ext_authz_follows_its_policy_when_the_service_is_down() {
     assert_eq!(get(&p, "/open", &good).await.status, StatusCode::OK);
 
     // The service goes away mid-run.
-    drop(authz);
+    authz.kill();
     let started = Instant::now();
     let r = get(&p, "/closed", &good).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
@@ -335,8 +337,8 @@ async fn ext_authz_with_nothing_listening_fails_closed_by_default() {
 // ------------------------------------------------------------- jwks-auth
 
 /// An identity provider serving whatever JWKS document `doc` holds.
-async fn jwks_service(doc: Arc<Mutex<String>>) -> Backend {
-    Backend::serve("idp", move |req: Request<Incoming>| {
+async fn jwks_service(doc: Arc<Mutex<String>>) -> Killable {
+    Killable::serve(move |req: Request<Incoming>| {
         let body = doc.lock().unwrap().clone();
         let path = req.uri().path().to_string();
         async move {
@@ -350,7 +352,7 @@ async fn jwks_service(doc: Arc<Mutex<String>>) -> Backend {
     .await
 }
 
-fn jwks_proxy(app: &Backend, idp: &Backend, refresh_ms: u32) -> Proxy {
+fn jwks_proxy(app: &Backend, idp: &Killable, refresh_ms: u32) -> Proxy {
     let cfg = Cfg::new()
         .upstream("app", &[app.addr()])
         .upstream("idp", &[idp.addr()])
@@ -491,7 +493,7 @@ async fn jwks_auth_keeps_its_keys_when_the_idp_goes_away() {
     let p = jwks_proxy(&app, &idp, 200);
     let token = key.sign(&claims("alice"));
     assert_eq!(with_token(&p, &token).await.status, StatusCode::OK);
-    drop(idp);
+    idp.kill();
     // Failed refreshes are counted; the stored keys stay in use.
     eventually(10, "a failed refresh", || async {
         counter(
