@@ -139,6 +139,13 @@ impl Config {
                 "forward_headers: {own:?} is set by the filter itself"
             ));
         }
+        if c.forward_headers.is_empty() && c.cache_ttl_ms > 0 {
+            return Err(
+                "forward_headers: empty, so every request would share one cached \
+                        verdict; name the identity headers, or set cache_ttl_ms = 0"
+                    .into(),
+            );
+        }
         c.upstream_headers = header_list("upstream_headers", c.upstream_headers)?;
         if c.timeout_ms == Some(0) {
             return Err("timeout_ms: must be at least 1 (leave it out for the policy's)".into());
@@ -175,6 +182,9 @@ mod tests {
         assert_eq!(c.upstream_headers, ["x-user", "x-tenant"]);
         assert_eq!(c.on_unavailable, OnUnavailable::Allow);
         assert_eq!(c.timeout_ms, Some(250));
+        // No identity headers is fine without a cache.
+        let c = Config::parse(r#"{"forward_headers":[],"cache_ttl_ms":0}"#).unwrap();
+        assert!(c.forward_headers.is_empty());
     }
 
     #[test]

@@ -35,7 +35,8 @@
 //! `cache_ttl_ms`, keyed by a SHA-256 of the forwarded header values: the
 //! cache assumes the verdict depends on the identity those headers carry,
 //! not on the method or path. If the service decides per path, set
-//! `cache_ttl_ms = 0`. Unavailability is never cached.
+//! `cache_ttl_ms = 0` (an empty `forward_headers` requires it). Verdicts
+//! are never cached for unavailability, nor denials larger than 8 KiB.
 //!
 //! Metrics: `ext_authz_decisions_total{result="allow|deny|error",
 //! cached="true|false"}` (in `sluicegate_filter_counter_total`).
