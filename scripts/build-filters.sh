@@ -3,7 +3,9 @@
 # copies it to target/filters/<folder-name>.wasm, or, for test fixtures
 # (a crate whose Cargo.toml has `[package.metadata.sluicegate] fixture =
 # true`: the hostile filters, probe, ...), to target/test-filters/, so the
-# demo's filter directory holds only the examples. Idempotent; safe to rerun.
+# demo's filter directory holds only the examples. Filters that enable the
+# SDK's `callouts` feature build in a cargo invocation of their own (see
+# uses_callouts below). Idempotent; safe to rerun.
 #
 #   scripts/build-filters.sh            # all filters
 #   scripts/build-filters.sh probe auth # only these (folder names)
@@ -60,11 +62,34 @@ for folder in "${folders[@]}"; do
     packages+=("$pkg")
 done
 
-pkg_args=()
-for pkg in "${packages[@]}"; do pkg_args+=(-p "$pkg"); done
+# A filter that calls out enables the SDK's `callouts` feature (world
+# `callout-filter`: it imports upstream-client and exports tick-handler).
+# Cargo unifies features across the packages of one invocation, so building
+# it beside plain filters would give them that world too, and the host
+# refuses a component importing upstream-client without a `callouts` grant.
+# So the two kinds build in separate invocations.
+uses_callouts() {
+    grep -qE '^sluicegate-sdk-v2 *=.*features *= *\[[^]]*"callouts"' "filters/$1/Cargo.toml"
+}
+
+plain_args=()
+callout_args=()
+for i in "${!folders[@]}"; do
+    if uses_callouts "${folders[$i]}"; then
+        callout_args+=(-p "${packages[$i]}")
+    else
+        plain_args+=(-p "${packages[$i]}")
+    fi
+done
 
 echo "building ${#packages[@]} filter(s): ${packages[*]}"
-cargo build --profile "$PROFILE" --target "$TARGET" --target-dir "$TARGET_DIR" "${pkg_args[@]}"
+if [ "${#plain_args[@]}" -gt 0 ]; then
+    cargo build --profile "$PROFILE" --target "$TARGET" --target-dir "$TARGET_DIR" "${plain_args[@]}"
+fi
+if [ "${#callout_args[@]}" -gt 0 ]; then
+    echo "callout filters (own invocation, SDK feature \"callouts\"): ${callout_args[*]}"
+    cargo build --profile "$PROFILE" --target "$TARGET" --target-dir "$TARGET_DIR" "${callout_args[@]}"
+fi
 
 mkdir -p "$OUT_DIR" "$FIXTURE_DIR"
 # A component starts with "\0asm" and the component version/layer 0d 00 01 00

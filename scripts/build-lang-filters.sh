@@ -12,7 +12,11 @@
 #               wasi-preview1-component-adapter-provider 48.0.8
 #
 # A folder's language is told by its entry file: app.py (Python), filter.js
-# (JavaScript), filter.c (C; every *.c of the folder is compiled).
+# (JavaScript), filter.c (C; every *.c of the folder is compiled). Its
+# contract is 0.1's world `filter` (wit/) unless the folder has a WORLD file
+# naming a WIT folder under wit/ and a world, e.g. `v0.2 callout-filter`
+# (filters/py-quota): componentize-py and componentize-js import the whole
+# world they are given, so a callout world means a `callouts` grant.
 #
 #   scripts/build-lang-filters.sh                    # every such folder under filters/
 #   scripts/build-lang-filters.sh py-router          # only these (folder names under filters/)
@@ -38,7 +42,9 @@ CLANG="clang-19"
 TOOLS="${SLUICEGATE_TOOLS:-$HOME/.cache/sluicegate/lang-tools}"
 BUILD="$ROOT/target/lang-build"
 OUT_DIR="$ROOT/target/filters"
-WIT="$ROOT/wit"
+WIT_ROOT="$ROOT/wit"
+# The WIT folder and world of the folder being built (see world_of).
+WIT="$WIT_ROOT"
 WORLD="filter"
 
 log() { printf '%s\n' "$*" >&2; }
@@ -53,7 +59,7 @@ while [ "$#" -gt 0 ]; do
     case "$1" in
         --templates) templates=1 ;;
         --out) shift; OUT_DIR="$(mkdir -p "$1" && cd "$1" && pwd)" ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         *)
             if [ -d "$1" ]; then dirs+=("$(cd "$1" && pwd)")
             elif [ -d "filters/$1" ]; then dirs+=("$ROOT/filters/$1")
@@ -80,6 +86,19 @@ template_dirs=()
 if [ "$templates" -eq 1 ]; then
     for d in "$ROOT"/guest-sdk/templates/*/; do template_dirs+=("${d%/}"); done
 fi
+
+# Sets WIT and WORLD for folder $1: its WORLD file (`<dir under wit/> <world>`),
+# else 0.1's `filter`.
+world_of() {
+    WIT="$WIT_ROOT"; WORLD="filter"
+    [ -f "$1/WORLD" ] || return 0
+    local sub world
+    read -r sub world < "$1/WORLD" || true
+    [ -n "$sub" ] && [ -n "$world" ] || die "$1/WORLD: expected '<dir under wit/> <world>', e.g. 'v0.2 callout-filter'"
+    [ -d "$WIT_ROOT/$sub" ] || die "$1/WORLD: no WIT folder wit/$sub"
+    WIT="$(cd "$WIT_ROOT/$sub" && pwd)"
+    WORLD="$world"
+}
 
 need_python=0; need_js=0; need_c=0
 for d in "${dirs[@]}" "${template_dirs[@]}"; do
@@ -204,8 +223,8 @@ stamp_of() {
     local d="$1" lang="$2"
     {
         echo "$lang $PY_VERSION $JS_VERSION $WIT_BINDGEN_VERSION $WASM_TOOLS_VERSION $ADAPTER_VERSION"
-        declare -f build_python build_js build_c
-        find "$WIT" "$d" -type f \( -name '*.wit' -o -name '*.py' -o -name '*.js' -o -name '*.c' -o -name '*.h' \) \
+        declare -f build_python build_js build_c world_of
+        find "$WIT_ROOT" "$d" -type f \( -name '*.wit' -o -name '*.py' -o -name '*.js' -o -name '*.c' -o -name '*.h' -o -name WORLD \) \
             -not -path '*/__pycache__/*' | LC_ALL=C sort | xargs sha256sum
     } | sha256sum | cut -d' ' -f1
 }
@@ -233,7 +252,7 @@ build_c() { # dir out
         -O2 -Wall -Wextra -Werror -Wno-unused-parameter \
         -I "$work/gen" -I "$1" \
         -Wl,-z,stack-size=65536 -Wl,--strip-all \
-        -o "$work/core.wasm" "$1"/*.c "$work/gen/filter.c" "$work/gen/filter_component_type.o"
+        -o "$work/core.wasm" "$1"/*.c "$work/gen/${WORLD//-/_}.c" "$work/gen/${WORLD//-/_}_component_type.o"
     "$WASM_TOOLS" component new "$work/core.wasm" \
         --adapt "wasi_snapshot_preview1=$ADAPTER" -o "$2"
 }
@@ -250,6 +269,7 @@ build_all() { # out_dir dirs...
         local name lang dest stamp stamp_file t
         name="$(basename "$d")"
         lang="$(lang_of "$d")"
+        world_of "$d"
         dest="$out/$name.wasm"
         stamp="$(stamp_of "$d" "$lang")"
         stamp_file="$BUILD/$(echo "$out" | sha256sum | cut -c1-8)-$name.stamp"

@@ -40,6 +40,9 @@ mkdir -p "$ROOT/target"
 
 echo "== guest SDK and filter unit tests (native)"
 cargo test --target-dir target/guest -p sluicegate-sdk -p sluicegate-sdk-v2 -p add-header -p add-header-v2 -p auth -p rate-limit -p canary -p security-headers 2>&1 | tee -a "$LOG"
+# The callout filters in an invocation of their own (as in build-filters.sh):
+# they turn on the SDK's `callouts` feature, so its callout tests run here.
+cargo test --target-dir target/guest -p sluicegate-sdk-v2 -p ext-authz -p jwks-auth 2>&1 | tee -a "$LOG"
 
 echo "== host unit tests and end-to-end tests (real binary, real sockets, real filters)"
 cargo test --release -p sluicegate --lib --tests -- --test-threads "${SLUICEGATE_TEST_THREADS:-2}" 2>&1 | tee -a "$LOG"

@@ -10,6 +10,7 @@ mod balance;
 mod balance_limits;
 mod cache;
 mod callouts;
+mod callout_examples;
 mod config;
 mod deploy;
 mod drain;

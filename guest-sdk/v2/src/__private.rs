@@ -4,6 +4,8 @@ use std::cell::RefCell;
 use std::thread::LocalKey;
 
 pub use crate::bindings::exports::sluicegate::filter::handler::Guest;
+#[cfg(feature = "callouts")]
+pub use crate::bindings::exports::sluicegate::filter::tick_handler::Guest as TickGuest;
 pub use crate::bindings::sluicegate::filter::types::{Exchange, Request, Response};
 
 use crate::{Filter, Phases};
