@@ -8,7 +8,6 @@
 //! crate.
 
 mod jwt_keys;
-mod killable;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,7 +22,7 @@ use crate::common::{
     Proxy, Resp,
 };
 use jwt_keys::{b64, claims, jwks, now_s, TestKey};
-use killable::Killable;
+use crate::common::killable::Killable;
 
 async fn get(p: &Proxy, path: &str, headers: &[(&str, &str)]) -> Resp {
     within(

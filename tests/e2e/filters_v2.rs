@@ -469,3 +469,26 @@ async fn an_on_log_histogram_is_exported_with_labels_and_the_series_cap_counts()
     assert_eq!(dropped.len(), 1, "{page}");
     assert_eq!(line_value(dropped[0]), 9.0, "nine samples past the cap");
 }
+
+/// A filter that writes to stderr from a synchronous call on a worker
+/// (WASI's `blocking-write-and-flush`): the line reaches the proxy's log
+/// under the filter's name, the request is served, and no worker thread
+/// goes down (wasmtime-wasi's own blocking methods would `block_on` the
+/// worker's runtime and panic; see `filter::stdio::nonblocking`).
+#[tokio::test]
+async fn a_filter_printing_to_stderr_is_logged_and_the_worker_serves_on() {
+    let app = Backend::echo("app").await;
+    let cfg = Cfg::new()
+        .upstream("app", &[app.addr()])
+        .route_with_filters(None, "/", "app", &["v2-probe"]);
+    let p = start(cfg, &[("v2-probe", "v2-probe")], "", |t| t);
+    for i in 0..20 {
+        let line = format!("hello-{i}");
+        let r = get(&p, "/", &[("x-v2-print", &line)]).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", p.stderr_text());
+    }
+    p.wait_output("v2-probe says hello-19", 10).await;
+    let log = p.stderr_text();
+    assert!(log.contains("v2-probe says hello-0"), "{log}");
+    assert!(!log.contains("thread 'sluicegate"), "{log}");
+}

@@ -5,7 +5,8 @@
 //!   `x-v2-copied` and queues the same bytes as a deferred response header,
 //!   reports a typed field error for an invalid name in `x-v2-err`, counts
 //!   `requests{route}`, raises the `inflight` gauge, and counts
-//!   `by_label{v=<x-v2-label>}` (for the series cap);
+//!   `by_label{v=<x-v2-label>}` (for the series cap), and prints
+//!   `x-v2-print` to stderr (WASI stdio from a synchronous call);
 //! * response phase: writes the locals back as `x-v2-token` and
 //!   `x-v2-local-rid`, the exchange's id as `x-v2-rid`, and the answering
 //!   endpoint as `x-v2-endpoint`;
@@ -53,6 +54,10 @@ impl Filter for Probe {
             let _ = cx.set_local("token", token);
         }
         let _ = cx.set_local("rid", cx.request_id());
+        // Writing to stderr (WASI's blocking-write-and-flush) on a worker.
+        if let Some(line) = h.get_str("x-v2-print") {
+            eprintln!("v2-probe says {line}");
+        }
         if let Some(raw) = h.get("x-v2-copy") {
             let _ = h.set("x-v2-copied", &raw);
             let _ = cx.defer_set("x-v2-copied", &raw);

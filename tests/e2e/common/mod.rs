@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod killable;
 pub mod proc;
 pub mod redis_server;
 
