@@ -91,7 +91,9 @@ pub async fn serve(config: Config, source: Option<PathBuf>) -> anyhow::Result<()
     crate::fleet::purge::subscribe(snapshot.clone());
     // Filters' callouts go to the upstreams of the live snapshot.
     if let Some(rt) = &filters {
-        rt.enable_callouts(crate::filter::callout::CalloutService::new(snapshot.clone()));
+        rt.enable_callouts(crate::filter::callout::CalloutService::new(
+            snapshot.clone(),
+        ));
     }
     let make_proxy = || {
         Arc::new(Proxy {

@@ -17,12 +17,12 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::common::backend::{full, RespBody};
+use crate::common::killable::Killable;
 use crate::common::{
     client, free_addr, start_with_filters, start_with_filters_as, wasm, within, Backend, Cfg,
     Proxy, Resp,
 };
 use jwt_keys::{b64, claims, jwks, now_s, TestKey};
-use crate::common::killable::Killable;
 
 async fn get(p: &Proxy, path: &str, headers: &[(&str, &str)]) -> Resp {
     within(

@@ -74,13 +74,25 @@ async fn a_granted_callout_works_and_one_outside_the_grant_sends_nothing() {
          [filters.policy.any]\ncallouts = [\"*\"]\n",
     );
 
-    let r = get(&p, "/x", &[("x-call", "authz"), ("x-call-path", "/check?a=1")]).await;
+    let r = get(
+        &p,
+        "/x",
+        &[("x-call", "authz"), ("x-call-path", "/check?a=1")],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "{}", p.stderr_text());
     assert_eq!(result(&r), "ok:200");
     let echo = r.echo();
-    assert_eq!(echo.uri, "/check?a=1", "the callout's path reached the upstream");
+    assert_eq!(
+        echo.uri, "/check?a=1",
+        "the callout's path reached the upstream"
+    );
     assert_eq!(echo.one("x-from-filter"), "m1");
-    assert_eq!(echo.one("host"), "authz", "host defaults to the upstream's name");
+    assert_eq!(
+        echo.one("host"),
+        "authz",
+        "host defaults to the upstream's name"
+    );
     assert_eq!(authz.requests(), 1);
 
     // Outside the grant: refused before anything is sent.
@@ -153,7 +165,10 @@ async fn timeouts_budgets_and_response_caps_bound_callouts() {
     let fast = Backend::echo("fast").await;
     let slow = Backend::slow("slow", Duration::from_millis(2_000)).await;
     let paced = Backend::slow("paced", Duration::from_millis(250)).await;
-    let big = Backend::serve("big", |_req| async { http::Response::new(full(vec![b'x'; 1000])) }).await;
+    let big = Backend::serve("big", |_req| async {
+        http::Response::new(full(vec![b'x'; 1000]))
+    })
+    .await;
     let cfg = Cfg::new()
         .upstream("app", &[app.addr()])
         .upstream("fast", &[fast.addr()])
@@ -179,12 +194,20 @@ async fn timeouts_budgets_and_response_caps_bound_callouts() {
     let t = Instant::now();
     let r = get(&p, "/", &[("x-call", "slow")]).await;
     assert_eq!(result(&r), "err:timeout");
-    assert!(t.elapsed() < Duration::from_millis(1_500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1_500),
+        "{:?}",
+        t.elapsed()
+    );
     // The filter may ask for less than the policy, never more.
     let r = get(&p, "/", &[("x-call", "paced"), ("x-call-timeout", "50")]).await;
     assert_eq!(result(&r), "err:timeout");
     let r = get(&p, "/", &[("x-call", "paced"), ("x-call-timeout", "60000")]).await;
-    assert_eq!(result(&r), "err:timeout", "capped at callout_timeout_ms = 200");
+    assert_eq!(
+        result(&r),
+        "err:timeout",
+        "capped at callout_timeout_ms = 200"
+    );
 
     // Three calls per request; the rest are refused unsent.
     let before = fast.requests();
@@ -274,10 +297,15 @@ async fn a_dead_auth_service_fails_fast_and_plain_routes_keep_serving() {
         assert_eq!(plain.backend(), "app");
     }
     assert!(
-        outcomes.keys().all(|k| k == "err:unavailable" || k == "err:timeout"),
+        outcomes
+            .keys()
+            .all(|k| k == "err:unavailable" || k == "err:timeout"),
         "{outcomes:?}"
     );
-    assert!(outcomes.get("err:unavailable").copied().unwrap_or(0) >= 35, "{outcomes:?}");
+    assert!(
+        outcomes.get("err:unavailable").copied().unwrap_or(0) >= 35,
+        "{outcomes:?}"
+    );
 }
 
 #[tokio::test]
@@ -304,7 +332,11 @@ async fn a_hot_reload_with_callouts_in_flight_lets_them_finish_on_their_version(
     slow.wait_requests(20, 10).await;
     // A new config for the filter: a new version goes live now.
     let text = std::fs::read_to_string(p.config_path()).unwrap();
-    std::fs::write(p.config_path(), text.replace("marker = \"A\"", "marker = \"B\"")).unwrap();
+    std::fs::write(
+        p.config_path(),
+        text.replace("marker = \"A\"", "marker = \"B\""),
+    )
+    .unwrap();
     let t = Instant::now();
     loop {
         let r = get(&p, "/", &[]).await;
@@ -318,7 +350,11 @@ async fn a_hot_reload_with_callouts_in_flight_lets_them_finish_on_their_version(
         let r = within(10, "in-flight callout", h).await.unwrap();
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(result(&r), "ok:200");
-        assert_eq!(r.header("x-marker").as_deref(), Some("A"), "finished on its version");
+        assert_eq!(
+            r.header("x-marker").as_deref(),
+            Some("A"),
+            "finished on its version"
+        );
         assert_eq!(r.echo().one("x-from-filter"), "A");
     }
     let r = get(&p, "/", &[("x-call", "slow")]).await;
@@ -344,7 +380,12 @@ async fn a_trap_or_a_client_gone_with_a_call_pending_loses_nothing_else() {
     // fail open skips the filter and the upstream answers.
     let r = get(&p, "/", &[("x-call", "slow"), ("x-trap-after-call", "1")]).await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
-    let r = get(&p, "/open", &[("x-call", "slow"), ("x-trap-after-call", "1")]).await;
+    let r = get(
+        &p,
+        "/open",
+        &[("x-call", "slow"), ("x-trap-after-call", "1")],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.backend(), "app");
 
@@ -407,7 +448,10 @@ async fn ticks_refresh_kv_with_callouts_and_stop_when_the_version_is_replaced() 
         if v.split(':').next().and_then(|n| n.parse::<u32>().ok()) >= Some(3) {
             break v;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "ticks never ran: {v:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "ticks never ran: {v:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(value.contains(":keys-"), "{value}");
@@ -427,10 +471,17 @@ async fn ticks_refresh_kv_with_callouts_and_stop_when_the_version_is_replaced() 
     // A new version (its config changed): the old one's ticks stop, the
     // new one's start.
     let text = std::fs::read_to_string(p.config_path()).unwrap();
-    std::fs::write(p.config_path(), text.replace("tick_path = \"/jwks\"", "tick_path = \"/v2\"")).unwrap();
+    std::fs::write(
+        p.config_path(),
+        text.replace("tick_path = \"/jwks\"", "tick_path = \"/v2\""),
+    )
+    .unwrap();
     let t = Instant::now();
     while count("/v2") < 2 {
-        assert!(t.elapsed() < Duration::from_secs(10), "the new version never ticked");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the new version never ticked"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let old = count("/jwks");
@@ -450,7 +501,10 @@ async fn ticks_refresh_kv_with_callouts_and_stop_when_the_version_is_replaced() 
         if gone {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "the filter was never removed");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the filter was never removed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -124,14 +124,21 @@ pub async fn call(
     let started = Instant::now();
     let result = attempt(service, grant, limits, spent, &upstream, request).await;
     let label = outcome(&result);
-    if !matches!(label, "not_allowed" | "unknown_upstream" | "invalid_request") {
+    if !matches!(
+        label,
+        "not_allowed" | "unknown_upstream" | "invalid_request"
+    ) {
         metrics::histogram!("sluicegate_filter_callout_seconds",
             "filter" => filter.to_string(), "upstream" => upstream.clone())
         .record(started.elapsed().as_secs_f64());
     }
     match &result {
         Err(CallError::NotAllowed) => {
-            tracing::warn!(filter, upstream, "callout refused: the upstream is not in the filter's callouts grant");
+            tracing::warn!(
+                filter,
+                upstream,
+                "callout refused: the upstream is not in the filter's callouts grant"
+            );
         }
         Err(e @ (CallError::Unavailable(_) | CallError::Timeout | CallError::TooLarge)) => {
             tracing::debug!(filter, upstream, error = ?e, "callout failed");
@@ -372,9 +379,25 @@ mod tests {
         };
         let grant = UpstreamGrant::Only(vec!["authz".into()]);
         let mut spent = Spent::default();
-        let r = attempt(None, &grant, limits, &mut spent, "other", req("GET", "/", vec![])).await;
+        let r = attempt(
+            None,
+            &grant,
+            limits,
+            &mut spent,
+            "other",
+            req("GET", "/", vec![]),
+        )
+        .await;
         assert!(matches!(r, Err(CallError::NotAllowed)));
-        let r = attempt(None, &grant, limits, &mut spent, "authz", req("GET", "/", vec![])).await;
+        let r = attempt(
+            None,
+            &grant,
+            limits,
+            &mut spent,
+            "authz",
+            req("GET", "/", vec![]),
+        )
+        .await;
         assert!(matches!(r, Err(CallError::Unavailable(_))));
         assert_eq!(spent, Spent::default(), "nothing was sent, nothing charged");
     }

@@ -23,8 +23,8 @@ use super::compute::{CallMeter, Demotion, Metered, Verdict};
 use super::engine::FilterEngine;
 use super::exchange::SharedExchange;
 use super::host_api::{
-    CalloutState, Edits, ExchangeHandle, FilterContext, HostState, Lent, RequestHead,
-    ResponseHead, EXCHANGE_REP, MEMORY_CAP_ERROR,
+    CalloutState, Edits, ExchangeHandle, FilterContext, HostState, Lent, RequestHead, ResponseHead,
+    EXCHANGE_REP, MEMORY_CAP_ERROR,
 };
 use super::stats::FilterStats;
 use crate::config::{FilterPolicy, Isolation};

@@ -217,10 +217,7 @@ pub mod nonblocking {
     /// Poll `f` once; `None` if it would wait.
     fn now<F: Future>(f: F) -> Option<F::Output> {
         let mut f = std::pin::pin!(f);
-        match f
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()))
-        {
+        match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(v) => Some(v),
             Poll::Pending => None,
         }
@@ -245,7 +242,7 @@ pub mod nonblocking {
             &mut self,
             err: StreamError,
         ) -> wasmtime::Result<streams::StreamError> {
-            astreams::Host::convert_stream_error(self.0, err)
+            Ok(astreams::Host::convert_stream_error(self.0, err)?.into())
         }
     }
 
